@@ -1,0 +1,3 @@
+from dem.cli import main
+
+raise SystemExit(main())

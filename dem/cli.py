@@ -1,0 +1,62 @@
+"""The ``dem`` command line (also ``python -m dem``).
+
+Each subcommand's options are declared here, but its implementation module is imported only
+when that subcommand runs: ``dem merge`` must not pay for importing transformers or datasets.
+User errors (:class:`dem.DemError`) become one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dem import DemError, __version__
+
+
+# --- merge / vectors (issue: merge core) -------------------------------------------------
+def _add_merge(sub: argparse._SubParsersAction) -> None:
+    pass
+
+
+# --- sources / evaluate (issue: data sources and evaluation) ------------------------------
+def _add_sources(sub: argparse._SubParsersAction) -> None:
+    pass
+
+
+# --- pretrain / finetune (issue: fine-tuning) ----------------------------------------------
+def _add_training(sub: argparse._SubParsersAction) -> None:
+    pass
+
+
+# --- run (issue: tutorial pipeline) --------------------------------------------------------
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dem",
+        description="DEM: fine-tune per data source, extract distribution vectors, merge them.",
+    )
+    parser.add_argument("--version", action="version", version=f"dem {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in (_add_merge, _add_sources, _add_training, _add_run):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except DemError as err:
+        print(f"dem {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dem {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
