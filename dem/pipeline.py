@@ -1,0 +1,221 @@
+"""``dem run``: execute the tutorial notebooks in order with papermill into a run folder.
+
+A run folder holds everything one execution produced: the executed notebooks, ``figures/``,
+``models/``, ``vectors/``, ``tables/``, ``metrics.json`` and ``manifest.json`` (parameters,
+versions, git commit, hardware, seed and wall time per step). Each step is keyed by a hash of
+its notebook, the parameters it receives and the key of the step before it, so rerunning into
+the same folder skips the finished steps whose inputs did not change and reruns the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import yaml
+
+from dem import DemError, __version__
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = REPO / "notebooks"
+PARAMS = NOTEBOOKS / "params"
+# Parameters dem run supplies itself; a parameter file must not set them.
+RESERVED = {"run_dir"}
+
+
+def write_json(path: str | Path, data) -> Path:
+    """Write JSON atomically: a reader never sees a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def load_params(path: str | Path) -> dict:
+    """Read a YAML parameter set (a flat mapping of notebook parameters)."""
+    path = Path(path)
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in PARAMS.glob("*.yaml")))
+        raise DemError(f"parameter file {path} not found (shipped sets: {known})")
+    try:
+        params = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise DemError(f"parameter file {path} is not valid YAML: {err}".splitlines()[0]) from None
+    if not isinstance(params, dict):
+        raise DemError(f"parameter file {path} must be a mapping of parameter: value")
+    bad = RESERVED & set(params)
+    if bad:
+        raise DemError(f"parameter file {path} sets {sorted(bad)}, which dem run sets itself")
+    return params
+
+
+def notebooks(folder: Path = NOTEBOOKS) -> list[Path]:
+    found = sorted(folder.glob("[0-9][0-9]_*.ipynb"))
+    if not found:
+        raise DemError(f"no notebooks (NN_name.ipynb) found in {folder}")
+    return found
+
+
+def software_versions() -> dict[str, str]:
+    names = [
+        "torch",
+        "transformers",
+        "accelerate",
+        "datasets",
+        "safetensors",
+        "tokenizers",
+        "papermill",
+        "pandas",
+        "seaborn",
+    ]
+    versions = {"python": platform.python_version(), "dem": __version__}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def git_commit(repo: Path = REPO) -> dict[str, str | bool | None]:
+    """The commit the code ran from, and whether the work tree had uncommitted changes."""
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        dirty = (
+            subprocess.run(
+                ["git", "-C", str(repo), "status", "--porcelain"],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout.strip()
+            != ""
+        )
+        return {"commit": commit, "dirty": dirty}
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}
+
+
+def hardware() -> dict:
+    info = {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+    }
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        info["torch_threads"] = torch.get_num_threads()
+    except ImportError:
+        pass
+    return info
+
+
+def _step_key(notebook: Path, parameters: dict, previous: str) -> str:
+    digest = hashlib.sha256(notebook.read_bytes())
+    digest.update(json.dumps(parameters, sort_keys=True, default=str).encode())
+    digest.update(previous.encode())
+    return digest.hexdigest()
+
+
+def run(
+    params_file: str | Path | None = None,
+    out: str | Path | None = None,
+    *,
+    force: bool = False,
+    overrides: dict | None = None,
+    notebook_dir: str | Path = NOTEBOOKS,
+    log=print,
+) -> Path:
+    """Execute every notebook in order into ``out``; return the run folder."""
+    import papermill as pm
+
+    params_file = Path(params_file) if params_file else PARAMS / "default.yaml"
+    params = {**load_params(params_file), **(overrides or {})}
+    run_dir = Path(out) if out else Path("runs") / params_file.stem
+    run_dir = run_dir.resolve()
+    manifest_path = run_dir / "manifest.json"
+    if run_dir.exists() and any(run_dir.iterdir()) and not manifest_path.exists() and not force:
+        raise DemError(
+            f"output folder {run_dir} exists and is not a dem run folder; "
+            "choose another --out or pass --force"
+        )
+    previous_manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    done = {} if force else previous_manifest.get("steps", {})
+
+    books = notebooks(Path(notebook_dir))
+    declared = {nb.name: pm.inspect_notebook(str(nb)) for nb in books}
+    unknown = set(params) - {name for spec in declared.values() for name in spec}
+    if unknown:
+        raise DemError(
+            f"parameter file {params_file} sets {sorted(unknown)}, which no notebook declares "
+            "(see `papermill --help-notebook notebooks/NN_name.ipynb`)"
+        )
+
+    # MPLBACKEND=agg: figures render to files in a headless kernel (no display here).
+    os.environ.setdefault("MPLBACKEND", "agg")
+    manifest = {
+        "params_file": str(params_file),
+        "parameters": params,
+        "seed": params.get("seed"),
+        "versions": software_versions(),
+        "git": git_commit(),
+        "hardware": hardware(),
+        "command": sys.argv,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "steps": {},
+    }
+    (run_dir / "notebooks").mkdir(parents=True, exist_ok=True)
+    key = ""
+    for nb in books:
+        step = nb.stem
+        nb_params = {k: v for k, v in params.items() if k in declared[nb.name]}
+        nb_params["run_dir"] = str(run_dir)
+        key = _step_key(nb, nb_params, key)
+        executed = run_dir / "notebooks" / nb.name
+        if done.get(step, {}).get("key") == key and executed.exists():
+            log(f"[dem run] {step}: unchanged, skipped")
+            manifest["steps"][step] = {**done[step], "skipped": True}
+            continue
+        log(f"[dem run] {step}: running")
+        t0 = time.perf_counter()
+        try:
+            pm.execute_notebook(
+                str(nb),
+                str(executed),
+                parameters=nb_params,
+                kernel_name="python3",
+                cwd=str(run_dir),
+                progress_bar=False,
+                log_output=False,
+            )
+        except pm.PapermillExecutionError as err:
+            manifest["steps"][step] = {"key": None, "failed": True}
+            write_json(manifest_path, manifest)
+            message = str(err.evalue).strip().splitlines()
+            raise DemError(
+                f"notebook {nb.name} failed in cell {err.exec_count}: {err.ename}: "
+                f"{message[0] if message else ''} (partly executed notebook kept at {executed})"
+            ) from None
+        wall = time.perf_counter() - t0
+        manifest["steps"][step] = {"key": key, "wall_s": round(wall, 2)}
+        write_json(manifest_path, manifest)
+        log(f"[dem run] {step}: done in {wall:.1f} s")
+    manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    write_json(manifest_path, manifest)
+    return run_dir

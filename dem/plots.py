@@ -1,0 +1,106 @@
+"""The tutorial's figures, drawn with seaborn from the tidy tables the other modules return.
+
+Each function returns a matplotlib Figure; :func:`save` writes it under ``run_dir/figures``
+(atomically, so a half-drawn PNG never sits in a run folder).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+if not os.environ.get("MPLBACKEND") and not os.environ.get("DISPLAY"):
+    matplotlib.use("agg")  # headless (papermill, CI): render to files only
+
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+sns.set_theme(style="whitegrid", context="notebook")
+
+
+def save(fig: plt.Figure, run_dir: str | Path, name: str) -> Path:
+    """Save ``fig`` as ``run_dir/figures/<name>.png`` and return the path."""
+    path = Path(run_dir) / "figures" / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+    return path
+
+
+def lengths(encoded_lengths: pd.DataFrame) -> plt.Figure:
+    """Token length distribution per source (columns: source, part, tokens)."""
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    sns.boxplot(data=encoded_lengths, x="tokens", y="source", hue="part", ax=ax)
+    ax.set(xlabel="tokens per example", ylabel="", title="Example lengths by source")
+    return fig
+
+
+def loss_curves(logs: pd.DataFrame, value: str = "loss") -> plt.Figure:
+    """Training curves (columns: run, step, ``value``)."""
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    sns.lineplot(data=logs, x="step", y=value, hue="run", ax=ax)
+    ax.set(title=f"{value.replace('_', ' ')} during fine-tuning")
+    return fig
+
+
+def score_heatmap(table: pd.DataFrame, title: str, fmt: str = ".2f", **kwargs) -> plt.Figure:
+    """A matrix (rows × columns) of scores with the numbers written in."""
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * table.shape[1], 0.8 + 0.5 * table.shape[0]))
+    sns.heatmap(table, annot=True, fmt=fmt, cmap="viridis", ax=ax, **kwargs)
+    ax.set(title=title, xlabel="", ylabel="")
+    return fig
+
+
+def layer_norms(norms: pd.DataFrame) -> plt.Figure:
+    """Distribution vector norm per layer group (columns: source, layer, norm)."""
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    sns.barplot(data=norms, x="layer", y="norm", hue="source", ax=ax)
+    ax.set(title="How far each fine-tune moved each layer", xlabel="", ylabel="‖v‖₂")
+    ax.tick_params(axis="x", rotation=45)
+    return fig
+
+
+def landscape(trials: pd.DataFrame, x: str, y: str, value: str = "objective") -> plt.Figure:
+    """Validation objective over the weights of two sources."""
+    grid = trials.pivot_table(index=f"w_{y}", columns=f"w_{x}", values=value).sort_index(
+        ascending=False
+    )
+    fig = score_heatmap(grid, f"validation {value} over w_{x} × w_{y}", fmt=".3g")
+    fig.axes[0].set(xlabel=f"w_{x}", ylabel=f"w_{y}")
+    return fig
+
+
+def grouped_bars(scores: pd.DataFrame) -> plt.Figure:
+    """Test score per method and source (columns: method, source, score)."""
+    fig, ax = plt.subplots(figsize=(10, 4))
+    sns.barplot(data=scores, x="method", y="score", hue="source", ax=ax)
+    ax.set(title="Test score by method and source", xlabel="", ylim=(0, 1))
+    ax.tick_params(axis="x", rotation=35)
+    ax.legend(bbox_to_anchor=(1.01, 1), loc="upper left")
+    return fig
+
+
+def cost_vs_quality(summary: pd.DataFrame) -> plt.Figure:
+    """Average test score against training tokens (columns: method, train_tokens, average)."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    sns.scatterplot(data=summary, x="train_tokens", y="average", hue="method", s=80, ax=ax)
+    for row in summary.itertuples():
+        ax.annotate(
+            row.method,
+            (row.train_tokens, row.average),
+            fontsize=8,
+            xytext=(4, 4),
+            textcoords="offset points",
+        )
+    ax.set(
+        xscale="log",
+        xlabel="training tokens (log)",
+        ylabel="average test score",
+        title="Cost vs quality",
+    )
+    ax.legend([], frameon=False)
+    return fig
