@@ -208,8 +208,10 @@ def run(
             manifest["steps"][step] = {"key": None, "failed": True}
             write_json(manifest_path, manifest)
             message = str(err.evalue).strip().splitlines()
+            first_line = (err.source or "").strip().splitlines()[:1]
             raise DemError(
-                f"notebook {nb.name} failed in cell {err.exec_count}: {err.ename}: "
+                f"notebook {nb.name} failed in cell [{err.exec_count}]"
+                f"{f' ({first_line[0][:60]})' if first_line else ''}: {err.ename}: "
                 f"{message[0] if message else ''} (partly executed notebook kept at {executed})"
             ) from None
         wall = time.perf_counter() - t0

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import re
-import tomllib
+import sys
 from pathlib import Path
 
 import yaml
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the dev extra installs the backport
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,0 +1,10 @@
+import os
+
+# Headless figures, and one torch thread: on 2-core machines one thread is several times
+# faster than two for the small tensors the tests use (see ../shared/OFFLINE.md).
+os.environ.setdefault("MPLBACKEND", "agg")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)

@@ -1,0 +1,120 @@
+"""Weight search: the in-memory merge is exact, and each strategy finds what it should."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from dem import DemError
+from dem.search import InMemoryMerge, best_weights, search_weights
+
+
+def _tiny_llama(seed: int, tie: bool = True) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=40,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=tie,
+    )
+    return LlamaForCausalLM(config)
+
+
+def _vector(base: torch.nn.Module, tuned: torch.nn.Module) -> dict[str, torch.Tensor]:
+    tuned_sd = tuned.state_dict()
+    return {k: tuned_sd[k] - v for k, v in base.state_dict().items() if v.is_floating_point()}
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_in_memory_merge_matches_float64_reference(tie):
+    base, a, b = (_tiny_llama(s, tie) for s in (0, 1, 2))
+    theta_0 = {k: v.double().clone() for k, v in base.state_dict().items()}
+    vectors = {"a": _vector(base, a), "b": _vector(base, b)}
+    merger = InMemoryMerge(base, vectors)
+    w = {"a": 0.7, "b": -0.25}
+    merger.apply(w)
+    merged = base.state_dict()
+    for name, tensor in merged.items():
+        if not tensor.is_floating_point():
+            continue
+        reference = (
+            theta_0[name] + 0.7 * vectors["a"][name].double() - 0.25 * vectors["b"][name].double()
+        )
+        torch.testing.assert_close(tensor.double(), reference, rtol=0, atol=1e-6)
+    if tie:  # the tied head follows the merged embedding
+        assert base.lm_head.weight.data_ptr() == base.model.embed_tokens.weight.data_ptr()
+    merger.restore_base()
+    for name, tensor in base.state_dict().items():
+        torch.testing.assert_close(tensor.double(), theta_0[name], rtol=0, atol=0)
+
+
+def test_in_memory_merge_rejects_mismatched_vectors():
+    base, a = _tiny_llama(0), _tiny_llama(1)
+    vector = _vector(base, a)
+    name = next(iter(vector))
+    del vector[name]
+    with pytest.raises(DemError, match=f"no tensor '{name}'"):
+        InMemoryMerge(base, {"a": vector})
+    vector = _vector(base, a)
+    vector[name] = vector[name][:1]
+    with pytest.raises(DemError, match="has shape"):
+        InMemoryMerge(base, {"a": vector})
+    merger = InMemoryMerge(base, {"a": _vector(base, a)})
+    with pytest.raises(DemError, match="unknown sources"):
+        merger.apply({"z": 1.0})
+    with pytest.raises(DemError, match="expected 1 weights"):
+        merger.apply([1.0, 2.0])
+
+
+def _bowl(target: dict[str, float]):
+    """A smooth objective with its minimum at ``target``; counts its evaluations."""
+    calls = []
+
+    def score(w):
+        calls.append(dict(w))
+        loss = sum((w[k] - target[k]) ** 2 for k in target)
+        return {"objective": loss, "extra": 1.0}
+
+    return score, calls
+
+
+def test_grid_evaluates_the_cartesian_product_and_finds_the_minimum():
+    score, calls = _bowl({"a": 0.5, "b": 0.25, "c": 1.0})
+    trials = search_weights(score, ["a", "b", "c"], "grid", values=[0.0, 0.25, 0.5, 0.75, 1.0])
+    assert len(trials) == len(calls) == 125
+    assert best_weights(trials) == {"a": 0.5, "b": 0.25, "c": 1.0}
+    assert trials["objective"].is_monotonic_increasing
+    assert {"trial", "w_a", "w_b", "w_c", "objective", "extra"} <= set(trials.columns)
+
+
+def test_coordinate_ascent_reaches_the_grid_optimum_with_fewer_evaluations():
+    target = {"a": 0.75, "b": 0.0, "c": 0.5, "d": 1.0}
+    score, calls = _bowl(target)
+    trials = search_weights(score, list(target), "coordinate", values=[0.0, 0.25, 0.5, 0.75, 1.0])
+    assert best_weights(trials) == target
+    assert len(calls) < 5**4 / 10
+    assert len({tuple(sorted(c.items())) for c in calls}) == len(calls), (
+        "a candidate was re-evaluated"
+    )
+
+
+def test_maximize_and_random_are_seeded():
+    def score(w):
+        return {"objective": -((w["a"] - 0.3) ** 2)}
+
+    first = search_weights(score, ["a"], "random", n_trials=20, seed=3, minimize=False)
+    again = search_weights(score, ["a"], "random", n_trials=20, seed=3, minimize=False)
+    other = search_weights(score, ["a"], "random", n_trials=20, seed=4, minimize=False)
+    assert first.equals(again)
+    assert not first.equals(other)
+    assert first["w_a"].between(0, 1).all()
+    assert abs(best_weights(first)["a"] - 0.3) == (first["w_a"] - 0.3).abs().min()
+
+
+def test_bad_strategy_is_a_clear_error():
+    with pytest.raises(DemError, match="unknown search strategy 'bayes'"):
+        search_weights(lambda w: {"objective": 0.0}, ["a"], "bayes")
