@@ -1,0 +1,271 @@
+"""Evaluation: response loss / perplexity, greedy-generation accuracy, multiple choice.
+
+Called once per candidate by the weight search, so it is built for speed: examples sorted by
+length (little padding), one forward pass per batch for the loss, and a hand-written greedy
+loop with a preallocated (static) KV cache for generation -- on the tiny model a decoding step
+takes half the time of ``model.generate``'s default dynamic cache, and the output is the same
+(tested). Everything is deterministic: greedy decoding, fixed order, no sampling.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from dem import DemError
+from dem.data import IGNORE_INDEX, encode_examples, encode_prompts
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
+
+    from dem.sources import Example, Source
+
+METRICS = ("loss", "perplexity", "accuracy")
+
+
+def _device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _max_length(model: Any, default: int = 1024) -> int:
+    return int(getattr(model.config, "max_position_embeddings", None) or default)
+
+
+def _token_nll(model: Any, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor):
+    """Per-token negative log-likelihood (0 where labels are ignored) and the label mask."""
+    import torch.nn.functional as F
+
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    target = labels[:, 1:]
+    nll = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)),
+        target.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    ).view(target.shape)
+    return nll, target != IGNORE_INDEX
+
+
+def _padded(rows: Sequence[dict[str, list[int]]], pad_id: int, device: Any):
+    import torch
+
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n] = torch.tensor(r["input_ids"])
+        labels[i, :n] = torch.tensor(r["labels"])
+        mask[i, :n] = 1
+    return ids.to(device), mask.to(device), labels.to(device)
+
+
+def _sequence_nll(model: Any, tokenizer: Any, encoded: list[dict], batch_size: int):
+    """Summed NLL and response-token count of each encoded example (input order kept)."""
+    import torch
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
+    sums, counts = [0.0] * len(encoded), [0] * len(encoded)
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            ids, mask, labels = _padded([encoded[i] for i in idx], pad, _device(model))
+            nll, keep = _token_nll(model, ids, mask, labels)
+            for row, i in enumerate(idx):
+                sums[i] = float(nll[row].sum())
+                counts[i] = int(keep[row].sum())
+    return sums, counts
+
+
+def response_loss(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    *,
+    batch_size: int = 64,
+    max_length: int | None = None,
+) -> float:
+    """Mean negative log-likelihood per response token (eos included), over all examples."""
+    encoded = encode_examples(
+        tokenizer, examples, max_length or _max_length(model), too_long="truncate"
+    )
+    with _eval_mode(model):
+        sums, counts = _sequence_nll(model, tokenizer, encoded, batch_size)
+    return sum(sums) / max(1, sum(counts))
+
+
+class _eval_mode:
+    """Context manager: eval mode inside, the previous train/eval mode restored after."""
+
+    def __init__(self, model: Any) -> None:
+        self.model, self.was_training = model, model.training
+
+    def __enter__(self) -> None:
+        self.model.eval()
+
+    def __exit__(self, *exc: object) -> None:
+        self.model.train(self.was_training)
+
+
+def _static_cache(model: Any, length: int) -> Any:
+    """A preallocated KV cache, or None (dynamic cache) where the model does not support one.
+
+    Measured on the tiny model (batch 64, one CPU thread): a decoding step takes ~6 ms with a
+    static cache and ~12 ms with the default dynamic one, which re-concatenates every layer's
+    keys and values at each step.
+    """
+    try:
+        from transformers import StaticCache
+
+        return StaticCache(config=model.config, max_cache_len=length)
+    except Exception:  # any model or transformers version without it: the default cache works
+        return None
+
+
+def greedy_generate(
+    model: Any, prompt_ids: Sequence[list[int]], max_new_tokens: int, eos_id: int, pad_id: int
+) -> list[list[int]]:
+    """Batched greedy decoding with left padding and a KV cache; stops each row at eos.
+
+    Returns the generated ids per prompt (eos excluded). Positions are computed from the
+    attention mask so left padding does not shift them; tested equal to ``model.generate``.
+    """
+    import torch
+
+    device = _device(model)
+    batch, width = len(prompt_ids), max(len(p) for p in prompt_ids)
+    ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    # The mask for every position generation may reach, sliced as decoding advances.
+    mask = torch.ones((batch, width + max_new_tokens), dtype=torch.long)
+    for i, p in enumerate(prompt_ids):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, : width - len(p)] = 0
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)
+    cache = _static_cache(model, width + max_new_tokens)
+    out = torch.empty((batch, 0), dtype=torch.long, device=device)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    step_ids, start = ids, 0
+    with torch.inference_mode():
+        for _ in range(max_new_tokens):
+            end = start + step_ids.shape[1]
+            result = model(
+                input_ids=step_ids,
+                attention_mask=mask[:, :end],
+                position_ids=positions,
+                past_key_values=cache,
+                cache_position=torch.arange(start, end, device=device),
+                use_cache=True,
+            )
+            cache = result.past_key_values
+            token = result.logits[:, -1].argmax(-1)
+            token = torch.where(done, torch.full_like(token, eos_id), token)
+            out = torch.cat([out, token[:, None]], dim=1)
+            done |= token == eos_id
+            if bool(done.all()):
+                break
+            step_ids, start = token[:, None], end
+            positions = positions[:, -1:] + 1
+    return [row[: row.index(eos_id)] if eos_id in row else row for row in out.tolist()]
+
+
+def generate_answers(
+    model: Any, tokenizer: Any, source: Source, examples: Sequence[Example], *, batch_size: int = 64
+) -> list[str]:
+    """Greedy responses (decoded text) to the examples' prompts, up to source.max_new_tokens."""
+    prompt_ids = encode_prompts(tokenizer, [ex.prompt for ex in examples])
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    budget = _max_length(model) - source.max_new_tokens
+    # Keep the end of over-long prompts: the question and the answer cue sit at the end.
+    prompt_ids = [p[-budget:] if len(p) > budget else p for p in prompt_ids]
+    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    texts = [""] * len(prompt_ids)
+    with _eval_mode(model):
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            generated = greedy_generate(
+                model, [prompt_ids[i] for i in idx], source.max_new_tokens, eos, pad
+            )
+            for i, g in zip(idx, generated, strict=True):
+                texts[i] = tokenizer.decode(g, skip_special_tokens=True)
+    return texts
+
+
+def choice_predictions(
+    model: Any, tokenizer: Any, examples: Sequence[Example], *, batch_size: int = 64
+) -> list[str]:
+    """For multiple choice: the choice with the highest summed log-likelihood, per example."""
+    from dem.sources import Example
+
+    flat = [Example(ex.prompt, c, "") for ex in examples for c in ex.choices]
+    if not flat:
+        raise DemError("multiple-choice scoring needs examples with choices")
+    encoded = encode_examples(tokenizer, flat, _max_length(model), too_long="truncate")
+    if len(encoded) != len(flat):
+        raise DemError("some multiple-choice prompts are longer than the model's context")
+    with _eval_mode(model):
+        sums, _ = _sequence_nll(model, tokenizer, encoded, batch_size)
+    preds, k = [], 0
+    for ex in examples:
+        scores = sums[k : k + len(ex.choices)]
+        preds.append(ex.choices[min(range(len(scores)), key=scores.__getitem__)])
+        k += len(ex.choices)
+    return preds
+
+
+def accuracy(
+    model: Any, tokenizer: Any, source: Source, examples: Sequence[Example], *, batch_size: int = 64
+) -> float:
+    """Share of examples answered right: generation + extraction, or choice log-likelihood."""
+    if source.metric == "choice":
+        outputs = choice_predictions(model, tokenizer, examples, batch_size=batch_size)
+    else:
+        outputs = generate_answers(model, tokenizer, source, examples, batch_size=batch_size)
+    return sum(source.score(o, ex) for o, ex in zip(outputs, examples, strict=True)) / len(examples)
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    sources: Sequence[Source | str | dict],
+    split: str,
+    metrics: Sequence[str] = ("loss", "accuracy"),
+    *,
+    max_examples: int | None = None,
+    batch_size: int = 64,
+    model_name: str = "model",
+) -> pd.DataFrame:
+    """Tidy table (columns model, source, split, metric, value): one row per source and metric.
+
+    ``metrics``: any of "loss", "perplexity" (exp of the loss; "loss" adds it too) and
+    "accuracy". Sources may also be given as names or dicts (see ``get_source``). The model
+    is used where it is (its device, dtype) and left in its mode.
+    """
+    import pandas as pd
+
+    from dem.sources import get_source
+
+    unknown = set(metrics) - set(METRICS)
+    if unknown:
+        raise DemError(f"unknown metric(s) {sorted(unknown)}; choose from {METRICS}")
+    if max_examples is not None and max_examples < 1:
+        raise DemError(f"max_examples must be positive, got {max_examples}")
+    rows = []
+    for source in sources:
+        if isinstance(source, (str, dict)):
+            source = get_source(source)
+        examples = source.examples(split)[:max_examples]
+        if "loss" in metrics or "perplexity" in metrics:
+            loss = response_loss(model, tokenizer, examples, batch_size=batch_size)
+            if "loss" in metrics:
+                rows.append((model_name, source.name, split, "loss", loss))
+            rows.append((model_name, source.name, split, "perplexity", math.exp(min(loss, 50))))
+        if "accuracy" in metrics:
+            acc = accuracy(model, tokenizer, source, examples, batch_size=batch_size)
+            rows.append((model_name, source.name, split, "accuracy", acc))
+    return pd.DataFrame(rows, columns=["model", "source", "split", "metric", "value"])

@@ -1,0 +1,157 @@
+"""The tutorial notebooks: clean when committed, documented parameters, and the whole pipeline
+executed headless by papermill on the smoke parameters (the way CI and `dem run` run them)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import nbformat
+import pytest
+import yaml
+
+from dem.pipeline import NOTEBOOKS, PARAMS, notebooks
+
+BOOKS = notebooks()
+
+
+@pytest.mark.parametrize("path", BOOKS, ids=lambda p: p.stem)
+def test_committed_notebook_is_clean_with_one_parameters_cell(path):
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    assert nb.metadata["kernelspec"]["name"] == "python3"
+    tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, f"{path.name}: {len(tagged)} parameters cells"
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert not cell.outputs and cell.execution_count is None, f"{path.name} carries outputs"
+    assert nb.cells[0].source.startswith("# "), "a notebook opens with its H1 title"
+    headings = [c.source for c in nb.cells if c.cell_type == "markdown"]
+    assert any("## Summary" in h for h in headings) and any("## Exercises" in h for h in headings)
+
+
+@pytest.mark.parametrize("path", BOOKS, ids=lambda p: p.stem)
+def test_help_notebook_lists_every_parameter_with_a_description(path):
+    nb = nbformat.read(path, as_version=4)
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    declared = re.findall(r"^(\w+)\s*(?::[^=]+)?=", cell.source, flags=re.M)
+    out = subprocess.run(
+        [sys.executable, "-m", "papermill", "--help-notebook", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    listed = dict(re.findall(r"^  (\w+): \w+ \(default .*?\)\s+(\S.*)$", out, flags=re.M))
+    assert set(declared) == set(listed), set(declared) ^ set(listed)
+    assert all(len(text) > 10 for text in listed.values())
+
+
+def test_parameter_sets_only_set_declared_parameters():
+    declared = set()
+    for path in BOOKS:
+        cell = next(
+            c
+            for c in nbformat.read(path, as_version=4).cells
+            if "parameters" in c.metadata.get("tags", [])
+        )
+        declared |= set(re.findall(r"^(\w+)\s*(?::[^=]+)?=", cell.source, flags=re.M))
+    for params in sorted(PARAMS.glob("*.yaml")):
+        unknown = set(yaml.safe_load(params.read_text())) - declared
+        assert not unknown, f"{params.name} sets undeclared parameters {unknown}"
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "dem",
+        "run",
+        "--params",
+        str(PARAMS / "smoke.yaml"),
+        "--out",
+        str(out),
+    ]
+    result = subprocess.run(
+        cmd, capture_output=True, text=True, env={**os.environ, "MPLBACKEND": "agg"}
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_smoke_run_writes_metrics_with_every_method(smoke_run):
+    metrics = json.loads((smoke_run / "metrics.json").read_text())
+    sources = metrics["sources"]
+    params = yaml.safe_load((PARAMS / "smoke.yaml").read_text())
+    assert sources == params["sources"]
+    required = {
+        "base",
+        "dem",
+        "dmix_uniform",
+        "dmix_best",
+        "average",
+        "task_arithmetic",
+        "ties",
+        "dare",
+    } | {f"individual/{s}" for s in sources}
+    assert required <= set(metrics["methods"])
+    for name, entry in metrics["methods"].items():
+        assert set(entry["test"]) == set(sources), name
+        assert all(0.0 <= v <= 1.0 for v in entry["test"].values()), name
+        assert entry["average"] == pytest.approx(sum(entry["test"].values()) / len(sources))
+        assert entry["cost"]["train_tokens"] >= 0 and entry["cost"]["wall_s"] >= 0
+    assert set(metrics["dem_weights"]) == set(sources)
+    dem_tokens = metrics["methods"]["dem"]["cost"]["train_tokens"]
+    search_tokens = metrics["methods"]["dmix_best"]["cost"]["train_tokens"]
+    assert dem_tokens > 0
+    assert metrics["cost_ratio_dmix_search_over_dem"] == pytest.approx(search_tokens / dem_tokens)
+    assert "swap" in metrics and set(metrics["swap"]["test"]) >= {params["swap_in"]}
+
+
+def test_smoke_run_writes_figures_notebooks_and_manifest(smoke_run):
+    figures = {p.stem for p in (smoke_run / "figures").glob("*.png")}
+    assert {
+        "01_lengths",
+        "02_train_loss",
+        "02_individual_accuracy",
+        "03_layer_norms",
+        "03_cosine",
+        "04_landscape",
+        "05_dmix_accuracy",
+        "06_scores_by_method",
+        "06_cost_vs_quality",
+    } <= figures
+    for png in (smoke_run / "figures").glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    executed = sorted(p.name for p in (smoke_run / "notebooks").glob("*.ipynb"))
+    assert executed == [p.name for p in BOOKS]
+    manifest = json.loads((smoke_run / "manifest.json").read_text())
+    assert set(manifest["steps"]) == {p.stem for p in BOOKS}
+    assert manifest["seed"] == yaml.safe_load((PARAMS / "smoke.yaml").read_text())["seed"]
+    assert all(step["wall_s"] > 0 for step in manifest["steps"].values())
+
+
+def test_rerun_skips_every_finished_step(smoke_run):
+    cmd = [
+        sys.executable,
+        "-m",
+        "dem",
+        "run",
+        "--params",
+        str(PARAMS / "smoke.yaml"),
+        "--out",
+        str(smoke_run),
+    ]
+    result = subprocess.run(
+        cmd, capture_output=True, text=True, env={**os.environ, "MPLBACKEND": "agg"}
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("unchanged, skipped") == len(BOOKS)
+
+
+def test_notebook_folder_exists():
+    assert NOTEBOOKS.is_dir() and len(BOOKS) == 6
