@@ -4,6 +4,11 @@ import os
 # faster than two for the small tensors the tests use (see ../shared/OFFLINE.md).
 os.environ.setdefault("MPLBACKEND", "agg")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# dem merge caches input hashes under $DEM_CACHE_DIR (default ~/.cache/dem): keep tests out of $HOME.
+if "DEM_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["DEM_CACHE_DIR"] = tempfile.mkdtemp(prefix="dem-test-cache-")
 
 import torch  # noqa: E402
 

@@ -1,0 +1,303 @@
+"""The streaming driver end to end on tiny random Llama models built in a temporary folder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from _helpers_merge import load_weights, save_llama, weight_dtypes
+from safetensors.torch import load_file, save_file
+
+from dem import DemError
+from dem import merge as M
+from dem.vectors import extract_vector, load_vector, vector_info
+
+torch.set_num_threads(1)
+W = [0.7, -0.2]
+
+
+@pytest.fixture(autouse=True)
+def _private_hash_cache(tmp_path_factory, monkeypatch):
+    """Each test hashes from scratch, and nothing is written to the user's ~/.cache."""
+    monkeypatch.setenv("DEM_CACHE_DIR", str(tmp_path_factory.mktemp("dem-cache")))
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory) -> dict[str, Path]:
+    """fp32 base + 2 fine-tunes (one sharded); tied; bf16; all tiny (hidden 32, 2 layers)."""
+    d = tmp_path_factory.mktemp("zoo")
+    z = {"base": save_llama(d / "base")}
+    z["m1"] = save_llama(d / "m1", base=z["base"], seed=1)
+    z["m2"] = save_llama(d / "m2", base=z["base"], seed=2, max_shard_size="30KB")
+    z["tied"] = save_llama(d / "tied", tied=True, seed=3)
+    z["tied1"] = save_llama(d / "tied1", base=z["tied"], seed=4)
+    z["tied2"] = save_llama(d / "tied2", base=z["tied"], seed=5)
+    z["bf"] = save_llama(d / "bf", dtype=torch.bfloat16, seed=6)
+    z["bf1"] = save_llama(d / "bf1", base=z["bf"], seed=7, dtype=torch.bfloat16)
+    z["bf2"] = save_llama(d / "bf2", base=z["bf"], seed=8, dtype=torch.bfloat16)
+    return z
+
+
+def _reference(method: str, base: dict, models: list[dict], w, seed=0, **p) -> dict:
+    """float64 numpy reference for every tensor (DARE's uniform draws taken from torch)."""
+    from test_merge_methods import _ties_ref
+
+    out = {}
+    for name, b in base.items():
+        thetas = [m[name] for m in models]
+        vs = [t - b for t in thetas]
+        if method.startswith("dare"):
+            g = torch.Generator().manual_seed(M.tensor_seed(seed, name))
+            u = [torch.rand(b.shape, generator=g).double().numpy() for _ in vs]
+            p_ = p["drop_prob"]
+            vs = [v * (ui >= p_) / (1 - p_) for v, ui in zip(vs, u, strict=True)]
+        if method in ("dem", "dare_linear"):
+            out[name] = b + sum(wi * v for wi, v in zip(w, vs, strict=True))
+        elif method == "task_arithmetic":
+            out[name] = b + p["lam"] * sum(wi * v for wi, v in zip(w, vs, strict=True))
+        elif method == "linear":
+            out[name] = sum(wi * t for wi, t in zip(w, thetas, strict=True))
+        else:
+            out[name] = b + p.get("lam", 1.0) * _ties_ref(vs, w, p["density"])
+    return out
+
+
+def _assert_close(got: dict, ref: dict, atol=1e-6):
+    assert set(got) == set(ref)
+    for name in ref:
+        np.testing.assert_allclose(got[name], ref[name], atol=atol, rtol=0, err_msg=name)
+
+
+CASES = [
+    ("dem", {}),
+    ("linear", {}),
+    ("task_arithmetic", {"lam": 0.5}),
+    ("ties", {"density": 0.3, "lam": 1.2}),
+    ("dare_linear", {"drop_prob": 0.4}),
+    ("dare_ties", {"drop_prob": 0.4, "density": 0.6}),
+]
+
+
+@pytest.mark.parametrize(("method", "params"), CASES, ids=[c[0] for c in CASES])
+def test_every_method_streams_to_the_float64_reference(zoo, tmp_path, method, params):
+    w = [0.7, 0.4] if "ties" in method else W
+    out = M.merge(zoo["base"], [(zoo["m1"], w[0]), (zoo["m2"], w[1])], tmp_path / "out",
+                  method=method, seed=3, progress=False, **params)  # fmt: skip
+    ref = _reference(method, load_weights(zoo["base"]),
+                     [load_weights(zoo["m1"]), load_weights(zoo["m2"])], w, seed=3, **params)  # fmt: skip
+    _assert_close(load_weights(out), ref)
+    record = json.loads((out / "dem_merge.json").read_text())
+    assert record["method"] == method and record["weights"] == w
+    assert params.items() <= record["parameters"].items()
+    assert record["parameters"].get("seed") == (3 if "dare" in method else None)
+
+
+def test_output_loads_and_is_sharded_with_copied_files(zoo, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = M.merge(zoo["base"], [(zoo["m1"], W[0]), (zoo["m2"], W[1])], tmp_path / "out",
+                  max_shard_size="20KB", progress=False)  # fmt: skip
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(shards) > 2 and (out / "model.safetensors.index.json").exists()
+    for name in (
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ):
+        assert (out / name).read_bytes() == (zoo["base"] / name).read_bytes(), name
+    model = AutoModelForCausalLM.from_pretrained(out)
+    ref = _reference("dem", load_weights(zoo["base"]),
+                     [load_weights(zoo["m1"]), load_weights(zoo["m2"])], W)  # fmt: skip
+    _assert_close({k: v.double().numpy() for k, v in model.state_dict().items()}, ref)
+    # provenance: the recorded hashes are the files' plain sha256, including out-of-order shards
+    record = json.loads((out / "dem_merge.json").read_text())
+    for entry in [record["base"], *record["models"]]:
+        for file, digest in entry["sha256"].items():
+            assert hashlib.sha256((Path(entry["path"]) / file).read_bytes()).hexdigest() == digest
+    assert record["dem_version"] and record["compute_dtype"] == "float32"
+
+
+def test_tied_embeddings(zoo, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    assert "lm_head.weight" not in load_weights(zoo["tied"])
+    out = M.merge(zoo["tied"], [(zoo["tied1"], W[0]), (zoo["tied2"], W[1])], tmp_path / "out",
+                  progress=False)  # fmt: skip
+    ref = _reference("dem", load_weights(zoo["tied"]),
+                     [load_weights(zoo["tied1"]), load_weights(zoo["tied2"])], W)  # fmt: skip
+    _assert_close(load_weights(out), ref)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_untied_base_with_tied_model_uses_its_embedding(zoo, tmp_path):
+    # a tied fine-tune of an untied base: its output layer *is* its embedding
+    d = tmp_path / "tied_ft"
+    d.mkdir()
+    sd = load_file(zoo["m1"] / "model.safetensors")
+    sd.pop("lm_head.weight")
+    save_file(sd, d / "model.safetensors")
+    config = json.loads((zoo["m1"] / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    out = M.merge(zoo["base"], [(d, 0.5)], tmp_path / "out", progress=False)
+    b, m = load_weights(zoo["base"]), load_weights(zoo["m1"])
+    m["lm_head.weight"] = m["model.embed_tokens.weight"]
+    _assert_close(load_weights(out), _reference("dem", b, [m], [0.5]))
+
+
+def test_bf16_base_keeps_dtype_computes_in_fp32(zoo, tmp_path):
+    models = [(zoo["bf1"], W[0]), (zoo["bf2"], W[1])]
+    out = M.merge(zoo["bf"], models, tmp_path / "out", progress=False)
+    assert set(weight_dtypes(out).values()) == {torch.bfloat16}
+    base, m1, m2 = (load_file(zoo[k] / "model.safetensors") for k in ("bf", "bf1", "bf2"))
+    got = load_file(out / "model.safetensors")
+    for name, b in base.items():
+        # exactly the fp32 arithmetic of the pure function, cast once at the end ...
+        fp32 = M.dem(b.float(), [m1[name].float(), m2[name].float()], W).to(torch.bfloat16)
+        assert torch.equal(got[name], fp32), name
+        # ... which is within one bf16 rounding of the float64 reference (bf16 arithmetic is not)
+        ref = _reference("dem", {name: b.double().numpy()},
+                         [{name: m1[name].double().numpy()}, {name: m2[name].double().numpy()}], W)  # fmt: skip
+        err = np.abs(got[name].double().numpy() - ref[name])
+        assert (err <= 2**-8 * np.abs(ref[name]) + 1e-7).all(), name
+    out32 = M.merge(zoo["bf"], models, tmp_path / "out32", dtype="float32", progress=False)
+    assert set(weight_dtypes(out32).values()) == {torch.float32}
+    assert json.loads((out32 / "config.json").read_text())["dtype"] == "float32"
+
+
+def test_integer_and_bool_tensors_are_copied_from_base(tmp_path):
+    def folder(name, seed):
+        g = torch.Generator().manual_seed(seed)
+        d = tmp_path / name
+        d.mkdir()
+        save_file({"w": torch.randn(4, 3, generator=g), "ids": torch.arange(5) + seed,
+                   "mask": torch.rand(6, generator=g) > 0.5}, d / "model.safetensors")  # fmt: skip
+        return d
+
+    base, m1, m2 = folder("base", 0), folder("m1", 1), folder("m2", 2)
+    for method, params in CASES:
+        out = M.merge(base, [(m1, 0.5), (m2, 0.5)], tmp_path / method, method=method,
+                      progress=False, **params)  # fmt: skip
+        got, want = load_file(out / "model.safetensors"), load_file(base / "model.safetensors")
+        assert torch.equal(got["ids"], want["ids"]) and got["ids"].dtype == torch.int64
+        assert torch.equal(got["mask"], want["mask"]) and got["mask"].dtype == torch.bool
+
+
+def test_vectors_round_trip_and_merge_from_vectors(zoo, tmp_path):
+    v1 = extract_vector(zoo["base"], zoo["m1"], tmp_path / "v1", progress=False)
+    v2 = extract_vector(zoo["base"], zoo["m2"], tmp_path / "v2", progress=False)
+    b, m1 = load_weights(zoo["base"]), load_weights(zoo["m1"])
+    vec = load_vector(v1)
+    assert set(vec) == set(b)
+    for name, v in vec.items():
+        assert v.dtype == torch.float32
+        np.testing.assert_allclose(v.double().numpy(), m1[name] - b[name], atol=1e-7, rtol=0)
+    info = vector_info(v1)
+    assert info["base"] == str(zoo["base"].resolve()) and info["source"] == str(zoo["m1"].resolve())
+    assert info["source_sha256"] == {
+        "model.safetensors": hashlib.sha256(
+            (zoo["m1"] / "model.safetensors").read_bytes()
+        ).hexdigest()
+    }
+    # v = θ_i − θ0 of two fp32 tensors is exact in float64, so the rounded vector equals the
+    # fp32 difference the model path computes: merging vectors is bitwise the same merge
+    models = [(zoo["m1"], W[0]), (zoo["m2"], W[1])]
+    a = M.merge(zoo["base"], models, tmp_path / "a", progress=False)
+    c = M.merge(zoo["base"], [(v1, W[0]), (v2, W[1])], tmp_path / "c", progress=False)
+    for name, t in load_file(a / "model.safetensors").items():
+        assert torch.equal(t, load_file(c / "model.safetensors")[name]), name
+    mixed = M.merge(zoo["base"], [(zoo["m1"], 0.5), (v2, 0.5)], tmp_path / "lin", method="linear",
+                    progress=False)  # fmt: skip
+    m2 = load_weights(zoo["m2"])
+    _assert_close(load_weights(mixed), {k: 0.5 * m1[k] + 0.5 * m2[k] for k in b})
+
+
+def test_float64_compute_and_dare_seed_determinism(zoo, tmp_path):
+    models = [(zoo["m1"], 1 / 3), (zoo["m2"], 1 / 3)]
+    out = M.merge(zoo["base"], models, tmp_path / "f64", compute_dtype=torch.float64,
+                  dtype="float64", progress=False)  # fmt: skip
+    ref = _reference("dem", load_weights(zoo["base"]),
+                     [load_weights(zoo["m1"]), load_weights(zoo["m2"])], [1 / 3, 1 / 3])  # fmt: skip
+    _assert_close(load_weights(out), ref, atol=1e-14)
+    kw = dict(method="dare_ties", drop_prob=0.5, progress=False)
+    a = M.merge(zoo["base"], models, tmp_path / "a", seed=1, **kw)
+    b = M.merge(zoo["base"], models, tmp_path / "b", seed=1, **kw)
+    c = M.merge(zoo["base"], models, tmp_path / "c", seed=2, **kw)
+    read = lambda p: (p / "model.safetensors").read_bytes()  # noqa: E731
+    assert read(a) == read(b) and read(a) != read(c)
+
+
+def test_overwrite_replaces_only_complete_outputs(zoo, tmp_path):
+    out = tmp_path / "out"
+    M.merge(zoo["base"], [(zoo["m1"], 0.5)], out, progress=False)
+    before = (out / "model.safetensors").read_bytes()
+    with pytest.raises(DemError, match="already exists"):
+        M.merge(zoo["base"], [(zoo["m1"], 0.9)], out, progress=False)
+    with pytest.raises(DemError, match="does not exist"):
+        M.merge(zoo["base"], [(tmp_path / "nope", 0.9)], out, overwrite=True, progress=False)
+    assert (out / "model.safetensors").read_bytes() == before
+    M.merge(zoo["base"], [(zoo["m1"], 0.9)], out, overwrite=True, progress=False)
+    assert (out / "model.safetensors").read_bytes() != before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folders left
+
+
+def test_failure_mid_merge_leaves_nothing(zoo, tmp_path, monkeypatch):
+    from dem import safetensors_io
+
+    calls = {"n": 0}
+    original = safetensors_io.ShardedWriter.write_chunks
+
+    def failing_write(self, name, chunks):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise OSError("disk full (injected)")
+        return original(self, name, chunks)
+
+    monkeypatch.setattr(safetensors_io.ShardedWriter, "write_chunks", failing_write)
+    with pytest.raises(OSError, match="injected"):
+        M.merge(zoo["base"], [(zoo["m1"], 0.5)], tmp_path / "out", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tied_base_with_model_storing_lm_head(zoo, tmp_path):
+    # a tied base; the fine-tune stores lm_head too: fine when it is the embedding, else refused
+    def variant(name: str, head) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        sd = load_file(zoo["tied1"] / "model.safetensors")
+        sd["lm_head.weight"] = head(sd["model.embed_tokens.weight"])
+        save_file(sd, d / "model.safetensors")
+        (d / "config.json").write_bytes((zoo["tied1"] / "config.json").read_bytes())
+        return d
+
+    same = variant("same", lambda e: e.clone())
+    out = M.merge(zoo["tied"], [(same, 0.5)], tmp_path / "out", progress=False)
+    ref = _reference("dem", load_weights(zoo["tied"]), [load_weights(zoo["tied1"])], [0.5])
+    _assert_close(load_weights(out), ref)
+    other = variant("other", lambda e: e + 1)
+    with pytest.raises(DemError, match="ties it to 'model.embed_tokens.weight'"):
+        M.merge(zoo["tied"], [(other, 0.5)], tmp_path / "out2", progress=False)
+    assert not (tmp_path / "out2").exists()
+
+
+def test_hash_cache_follows_file_changes(zoo, tmp_path):
+    d = tmp_path / "m"
+    d.mkdir()
+    for f in zoo["m1"].iterdir():
+        (d / f.name).write_bytes(f.read_bytes())
+    sha = lambda: json.loads((out / "dem_merge.json").read_text())["models"][0]["sha256"]  # noqa: E731
+    out = M.merge(zoo["base"], [(d, 0.5)], tmp_path / "a", progress=False)
+    first = sha()
+    out = M.merge(zoo["base"], [(d, 0.5)], tmp_path / "b", progress=False)
+    assert sha() == first  # from the cache this time
+    weights = load_file(d / "model.safetensors")
+    weights["model.norm.weight"][0] += 1
+    save_file(weights, d / "model.safetensors", metadata={"format": "pt"})
+    out = M.merge(zoo["base"], [(d, 0.5)], tmp_path / "c", progress=False)
+    digest = hashlib.sha256((d / "model.safetensors").read_bytes()).hexdigest()
+    assert sha() == {"model.safetensors": digest} != first
