@@ -1,0 +1,117 @@
+"""Models: device/dtype/thread choice, the tiny model, loading and atomic saving."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from _helpers_train import TINY, make_base
+
+from dem import DemError
+from dem import models as dem_models
+
+torch.set_num_threads(1)
+
+
+def test_pick_device_and_dtype():
+    assert dem_models.pick_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        assert dem_models.pick_device("auto").type in ("cpu", "mps")
+        with pytest.raises(DemError, match="CUDA is not available"):
+            dem_models.pick_device("cuda")
+    with pytest.raises(DemError, match="not a torch device"):
+        dem_models.pick_device("gpu0")
+    assert dem_models.pick_dtype("cpu") == torch.float32
+
+
+@pytest.mark.parametrize("cores, expected", [(1, 1), (2, 1), (4, 2), (16, 8), (64, 8)])
+def test_default_thread_rule(monkeypatch, cores, expected):
+    monkeypatch.delenv("DEM_NUM_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(dem_models, "_usable_cores", lambda: cores)
+    assert dem_models.default_cpu_threads() == expected
+
+
+def test_thread_environment_variables(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert dem_models.default_cpu_threads() == 3
+    monkeypatch.setenv("DEM_NUM_THREADS", "2")  # ours wins
+    assert dem_models.default_cpu_threads() == 2
+    monkeypatch.setenv("DEM_NUM_THREADS", "many")
+    with pytest.raises(DemError, match="DEM_NUM_THREADS='many' is not an integer"):
+        dem_models.default_cpu_threads()
+    try:
+        assert dem_models.set_cpu_threads(2) == 2 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
+    with pytest.raises(DemError, match="at least 1"):
+        dem_models.set_cpu_threads(0)
+
+
+def test_tiny_model_shape_and_seed():
+    from dem.data import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    model = dem_models.build_tiny_model(tokenizer)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert model.config.vocab_size == len(tokenizer)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied
+    n = dem_models.count_parameters(model)
+    assert 0.5e6 < n < 1.5e6, n
+    same = dem_models.build_tiny_model(tokenizer, **TINY, seed=3)
+    again = dem_models.build_tiny_model(tokenizer, **TINY, seed=3)
+    other = dem_models.build_tiny_model(tokenizer, **TINY, seed=4)
+    sd, sd2, sd3 = same.state_dict(), again.state_dict(), other.state_dict()
+    assert all(torch.equal(sd[k], sd2[k]) for k in sd)
+    assert not all(torch.equal(sd[k], sd3[k]) for k in sd)
+    with pytest.raises(DemError, match="multiple of num_heads"):
+        dem_models.build_tiny_model(tokenizer, hidden_size=30, num_heads=4)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    folder = make_base(tmp_path / "m")
+    model, tokenizer = dem_models.load_model(folder)
+    ids = torch.tensor([tokenizer("12+5=").input_ids])
+    logits = model(ids).logits
+    # Saving over an existing folder replaces it atomically and leaves no temp folder behind.
+    assert dem_models.save_model(model, tokenizer, folder) == folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    assert (folder / "model.safetensors").is_file() and not list(folder.glob("*.bin"))
+    reloaded, _ = dem_models.load_model(str(folder))
+    assert torch.equal(reloaded(ids).logits, logits)
+    assert next(reloaded.parameters()).dtype == torch.float32
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(DemError, match="does not exist"):
+        dem_models.load_model(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DemError, match="no config.json"):
+        dem_models.load_model(tmp_path / "empty")
+    with pytest.raises(DemError, match="GGUF file .* does not exist"):
+        dem_models.load_model(tmp_path / "model.gguf")
+
+
+def test_tokenizer_and_model_vocabulary_must_agree(tmp_path):
+    folder = make_base(tmp_path / "m")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.add_tokens(["<extra1>", "<extra2>"])
+    tokenizer.save_pretrained(folder)
+    with pytest.raises(
+        DemError, match="tokenizer has 102 tokens but the model's embedding has only 100 rows"
+    ):
+        dem_models.load_model(folder)
+
+
+def test_prepare_base_from_a_folder_is_cached(tmp_path):
+    src = make_base(tmp_path / "src")
+    out = dem_models.prepare_base(src, tmp_path / "base")
+    assert json.loads((out / "dem_base.json").read_text())["source"] == str(src)
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    assert dem_models.prepare_base(src, tmp_path / "base") == out
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp
+    with pytest.raises(DemError, match="was not made from"):
+        dem_models.prepare_base(tmp_path / "elsewhere", tmp_path / "base")
