@@ -183,6 +183,34 @@ def _split_gguf(path_or_id: str, gguf_file: str | None) -> tuple[str, str | None
     return path_or_id, gguf_file
 
 
+def _first_line(err: Exception) -> str:
+    # OSError: missing files / unreachable hub; ValueError: unsupported architecture or remote
+    # code needed. The first line of transformers' message names the cause.
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def load_tokenizer(
+    path_or_id: str | Path, *, gguf_file: str | None = None, trust_remote_code: bool = False
+) -> Any:
+    """Load the tokenizer of a model folder, Hugging Face id or GGUF file (with a pad token)."""
+    from transformers import AutoTokenizer
+
+    source, gguf_file = _split_gguf(str(path_or_id), gguf_file)
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if gguf_file is not None:
+        kwargs["gguf_file"] = gguf_file
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as err:
+        raise DemError(f"cannot load the tokenizer of {path_or_id!s}: {_first_line(err)}") from None
+    if tokenizer.pad_token_id is None:
+        # Batched training and generation need a pad id; eos is the usual stand-in and is
+        # never trained on as padding because padded positions carry label -100.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_model(
     path_or_id: str | Path,
     *,
@@ -197,7 +225,7 @@ def load_model(
     dequantized to fp32 anyway). ``trust_remote_code`` stays off unless asked for: it runs
     code downloaded with the model.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     source, gguf_file = _split_gguf(str(path_or_id), gguf_file)
     local = Path(source)
@@ -211,18 +239,11 @@ def load_model(
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
+    tokenizer = load_tokenizer(source, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32, **kwargs)
     except (OSError, ValueError) as err:
-        # OSError: missing files / unreachable hub; ValueError: unsupported architecture or
-        # remote code needed. Keep the first line of transformers' message, it names the cause.
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DemError(f"cannot load model {path_or_id!s}: {first}") from None
-    if tokenizer.pad_token_id is None:
-        # Batched training and generation need a pad id; eos is the usual stand-in and is
-        # never trained on as padding because padded positions carry label -100.
-        tokenizer.pad_token = tokenizer.eos_token
+        raise DemError(f"cannot load model {path_or_id!s}: {_first_line(err)}") from None
     check_vocab(model, tokenizer, where=str(path_or_id))
     if device is not None:
         model.to(torch.device(device))

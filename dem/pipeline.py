@@ -169,8 +169,10 @@ def run(
 
     # MPLBACKEND=agg: figures render to files in a headless kernel (no display here).
     os.environ.setdefault("MPLBACKEND", "agg")
+    # Per-file "Loading weights" bars would bury the notebooks' own output.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     manifest = {
-        "params_file": str(params_file),
+        "params_file": str(params_file.resolve()),
         "parameters": params,
         "seed": params.get("seed"),
         "versions": software_versions(),

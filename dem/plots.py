@@ -21,14 +21,22 @@ import seaborn as sns  # noqa: E402
 sns.set_theme(style="whitegrid", context="notebook")
 
 
-def save(fig: plt.Figure, run_dir: str | Path, name: str) -> Path:
-    """Save ``fig`` as ``run_dir/figures/<name>.png`` and return the path."""
+def save(fig: plt.Figure, run_dir: str | Path, name: str):
+    """Save ``fig`` as ``run_dir/figures/<name>.png``; return it as an image a notebook shows.
+
+    Returning the saved PNG (not the live figure) shows the same picture whatever matplotlib
+    backend the kernel runs (``agg`` when executed headless), and the figure is closed so a
+    long notebook does not accumulate open figures.
+    """
+    from IPython.display import Image
+
     path = Path(run_dir) / "figures" / f"{name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
     os.replace(tmp, path)
-    return path
+    return Image(filename=str(path))
 
 
 def lengths(encoded_lengths: pd.DataFrame) -> plt.Figure:
