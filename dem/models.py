@@ -206,12 +206,19 @@ def resolve_package_path(path_or_id: str) -> str:
 
 def _split_gguf(path_or_id: str, gguf_file: str | None) -> tuple[str, str | None]:
     """Accept ``folder`` + ``gguf_file`` or a direct path to a ``.gguf`` file."""
+    import importlib.util
+
     path_or_id = resolve_package_path(path_or_id)
     path = Path(path_or_id)
     if gguf_file is None and path.suffix == ".gguf":
         if not path.is_file():
             raise DemError(f"GGUF file {path} does not exist")
-        return str(path.parent), path.name
+        path_or_id, gguf_file = str(path.parent), path.name
+    if gguf_file is not None and importlib.util.find_spec("gguf") is None:
+        raise DemError(
+            f"reading the GGUF file {gguf_file} needs the gguf package; install it with: "
+            'pip install "dem[real]"  (or: pip install gguf)'
+        )
     return path_or_id, gguf_file
 
 
