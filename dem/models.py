@@ -329,12 +329,14 @@ def prepare_base(
     gguf_file: str | None = None,
     trust_remote_code: bool = False,
     overwrite: bool = False,
+    replace: bool = False,
 ) -> Path:
     """Turn a hub id, a model folder or a GGUF file into a plain fp32 safetensors base folder.
 
     GGUF loading dequantizes every tensor and takes tens of seconds for a 135M model, so it is
     done once here; later loads of ``out_dir`` take seconds. Cached: an ``out_dir`` made from
-    the same source is reused (``dem_base.json`` records the source).
+    the same source is reused (``dem_base.json`` records the source); ``replace`` rebuilds a
+    base folder dem made from another source (``dem run`` after ``base_model`` changed).
     """
     import json
 
@@ -348,10 +350,11 @@ def prepare_base(
             previous = None
         if previous == record:
             return out
-        raise DemError(
-            f"base folder {out} exists and was not made from {source}"
-            f"{f' ({gguf_file})' if gguf_file else ''}; choose another folder or pass overwrite"
-        )
+        if not (replace and previous is not None):  # replace: only a base dem made itself
+            raise DemError(
+                f"base folder {out} exists and was not made from {source}"
+                f"{f' ({gguf_file})' if gguf_file else ''}; choose another folder or pass overwrite"
+            )
     folder, file = _split_gguf(str(source), gguf_file)
     if file is not None:
         # Dequantizing a GGUF takes tens of seconds: convert once into a shared cache keyed by

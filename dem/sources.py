@@ -264,9 +264,14 @@ def _pool_split(
 
 # --- built-in: arithmetic (answered directly) ------------------------------------------------
 def _draw_arithmetic(rng: random.Random) -> Example:
-    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    # One operand has one digit (a units-digit table plus a carry): with both operands up to
+    # 99 the tiny model was still off by a few units after 1000 steps (8% exact); with one
+    # digit it reached 75% (1000 steps, batch 32, lr 1e-3). ~3000 distinct prompts, so the
+    # 10% test split still holds 200.
+    a, b = rng.randint(0, 99), rng.randint(0, 9)
     if rng.random() < 0.5:
-        return Example(f"{a}+{b}=", str(a + b), str(a + b))
+        x, y = (a, b) if rng.random() < 0.5 else (b, a)
+        return Example(f"{x}+{y}=", str(a + b), str(a + b))
     a, b = max(a, b), min(a, b)  # keep results non-negative: one less format to learn
     return Example(f"{a}-{b}=", str(a - b), str(a - b))
 
@@ -284,10 +289,12 @@ _ITEMS = ("apples", "pens", "coins", "books", "cards", "eggs", "shells", "stamps
 
 
 def _draw_arithmetic_cot(rng: random.Random) -> Example:
+    # Two-digit start, one-digit changes: each worked step is a one-digit addition or
+    # subtraction, learnable by the tiny model (see _draw_arithmetic).
     name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
-    a, b = rng.randint(2, 50), rng.randint(2, 49)
+    a, b = rng.randint(10, 60), rng.randint(2, 9)
     total = a + b
-    c = rng.randint(1, total - 1)
+    c = rng.randint(1, 9)
     answer = total - c
     prompt = f"{name} has {a} {item}, gets {b} more, gives {c} away. How many now?"
     response = f"{a}+{b}={total}. {total}-{c}={answer}. #### {answer}"
@@ -427,7 +434,7 @@ def _composite_examples(table: list[dict[str, str]]) -> Iterator[Example]:
     """
     for row in table:
         e, age = row["entity"], int(row["age"])
-        for k in (3, 7, 12, 25):
+        for k in (3, 5, 7, 9):  # one digit, as in the arithmetic source
             yield Example(f"(Age of {e}?)+{k}=", str(age + k), str(age + k))
             if age > k:
                 yield Example(f"(Age of {e}?)-{k}=", str(age - k), str(age - k))
@@ -466,16 +473,19 @@ def _builtin(name: str) -> Source:
 
 BUILTINS: dict[str, dict[str, Any]] = {
     "arithmetic": dict(
-        description="Two-number addition/subtraction (0-99), answered directly: '37+45=' -> '82'.",
+        description=(
+            "Addition/subtraction of a number 0-99 and a digit, answered directly: "
+            "'37+5=' -> '42', '6+37=' -> '43', '41-8=' -> '33'."
+        ),
         max_new_tokens=5,
         extractor="first_number",
         make_examples=_generated(_draw_arithmetic),
     ),
     "arithmetic_cot": dict(
         description=(
-            "Short word problems (three numbers) solved with worked steps, answer after "
-            "'####': 'Ana has 12 pens, gets 5 more, gives 3 away. How many now?' -> '12+5=17. "
-            "17-3=14. #### 14'."
+            "Short word problems (a number 10-60, then two one-digit changes) solved with worked "
+            "steps, answer after '####': 'Ana has 12 pens, gets 5 more, gives 3 away. How many "
+            "now?' -> '12+5=17. 17-3=14. #### 14'."
         ),
         max_new_tokens=32,
         extractor="hash_number",

@@ -239,6 +239,25 @@ def test_existing_output_folder(base, reference, tmp_path):
     assert not (foreign / "notes.txt").exists() and (foreign / "cost.json").is_file()
 
 
+def test_replace_redoes_a_changed_run_and_reuses_a_same_one(base, tmp_path):
+    out = tmp_path / "r"
+    fast = {**FAST, "steps": 2, "eval_every": 1}
+    first = dem_train.finetune(base, out, mixture={"arithmetic": 1.0}, **fast)
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    assert dem_train.finetune(base, out, mixture={"arithmetic": 1.0}, replace=True, **fast) == first
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp
+    changed = dem_train.finetune(
+        base, out, mixture={"arithmetic": 1.0}, replace=True, **{**fast, "steps": 3}
+    )
+    assert changed["steps"] == 3 and json.loads((out / "cost.json").read_text())["steps"] == 3
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(DemError, match="not a dem training run"):
+        dem_train.finetune(base, foreign, mixture={"arithmetic": 1.0}, replace=True, **fast)
+    assert (foreign / "notes.txt").read_text() == "mine"
+
+
 def test_unfinished_run_with_other_parameters_is_refused(base, tmp_path):
     def crash(step: int, row: dict) -> None:
         raise Interrupt
