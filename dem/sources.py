@@ -296,7 +296,8 @@ def _draw_arithmetic_cot(rng: random.Random) -> Example:
     total = a + b
     c = rng.randint(1, 9)
     answer = total - c
-    prompt = f"{name} has {a} {item}, gets {b} more, gives {c} away. How many now?"
+    # Kept short: at ~90 tokens this source cost as much training time as the other three.
+    prompt = f"{name} has {a} {item}, gets {b}, gives {c}. How many?"
     response = f"{a}+{b}={total}. {total}-{c}={answer}. #### {answer}"
     return Example(prompt, response, str(answer))
 
@@ -484,8 +485,8 @@ BUILTINS: dict[str, dict[str, Any]] = {
     "arithmetic_cot": dict(
         description=(
             "Short word problems (a number 10-60, then two one-digit changes) solved with worked "
-            "steps, answer after '####': 'Ana has 12 pens, gets 5 more, gives 3 away. How many "
-            "now?' -> '12+5=17. 17-3=14. #### 14'."
+            "steps, answer after '####': 'Ana has 12 pens, gets 5, gives 3. How many?' -> "
+            "'12+5=17. 17-3=14. #### 14'."
         ),
         max_new_tokens=32,
         extractor="hash_number",

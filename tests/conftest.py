@@ -13,3 +13,13 @@ if "DEM_CACHE_DIR" not in os.environ:
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+def dem_run(params, out):
+    """``python -m dem run --params PARAMS --out OUT`` headless, as CI runs it; the result."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "dem", "run", "--params", str(params), "--out", str(out)]
+    env = {**os.environ, "MPLBACKEND": "agg"}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env)

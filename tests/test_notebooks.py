@@ -4,7 +4,6 @@ executed headless by papermill on the smoke parameters (the way CI and `dem run`
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import sys
 import nbformat
 import pytest
 import yaml
+from conftest import dem_run
 
 from dem.pipeline import NOTEBOOKS, PARAMS, notebooks
 
@@ -66,19 +66,7 @@ def test_parameter_sets_only_set_declared_parameters():
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("smoke") / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "dem",
-        "run",
-        "--params",
-        str(PARAMS / "smoke.yaml"),
-        "--out",
-        str(out),
-    ]
-    result = subprocess.run(
-        cmd, capture_output=True, text=True, env={**os.environ, "MPLBACKEND": "agg"}
-    )
+    result = dem_run(PARAMS / "smoke.yaml", out)
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
@@ -136,19 +124,7 @@ def test_smoke_run_writes_figures_notebooks_and_manifest(smoke_run):
 
 
 def test_rerun_skips_every_finished_step(smoke_run):
-    cmd = [
-        sys.executable,
-        "-m",
-        "dem",
-        "run",
-        "--params",
-        str(PARAMS / "smoke.yaml"),
-        "--out",
-        str(smoke_run),
-    ]
-    result = subprocess.run(
-        cmd, capture_output=True, text=True, env={**os.environ, "MPLBACKEND": "agg"}
-    )
+    result = dem_run(PARAMS / "smoke.yaml", smoke_run)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("unchanged, skipped") == len(BOOKS)
 

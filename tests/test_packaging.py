@@ -45,7 +45,15 @@ def test_environment_yml_mirrors_pyproject():
 
 def test_design_card_packages_are_dependencies():
     declared = {_name(r) for r in _pyproject()["project"]["dependencies"]}
-    card = {"torch", "transformers", "datasets", "seaborn", "safetensors", "papermill", "jupyterlab"}
+    card = {
+        "torch",
+        "transformers",
+        "datasets",
+        "seaborn",
+        "safetensors",
+        "papermill",
+        "jupyterlab",
+    }
     assert card <= declared, card - declared
     dev = {_name(r) for r in _pyproject()["project"]["optional-dependencies"]["dev"]}
     assert {"pytest", "ruff"} <= dev

@@ -9,11 +9,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import dem_run
 
 from dem import DemError
 from dem.models import load_model, prepare_base, resolve_package_path
@@ -76,19 +75,7 @@ def test_gguf_conversion_is_cached_and_idempotent(tmp_path):
 @needs_model
 def test_smollm2_smoke_parameters_run_end_to_end(tmp_path):
     out = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "dem",
-        "run",
-        "--params",
-        str(PARAMS / "smollm2-smoke.yaml"),
-        "--out",
-        str(out),
-    ]
-    result = subprocess.run(
-        cmd, capture_output=True, text=True, env={**os.environ, "MPLBACKEND": "agg"}
-    )
+    result = dem_run(PARAMS / "smollm2-smoke.yaml", out)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["sources"] == ["gsm8k", "boolq", "commonsense_qa"]

@@ -147,7 +147,7 @@ def test_composite_answers_and_eval_only():
 
 FORMATS = {
     "arithmetic": r"\d+[+-]\d+=",
-    "arithmetic_cot": r"[A-Z][a-z]+ has \d+ [a-z]+, gets \d+ more, gives \d+ away\. How many now\?",
+    "arithmetic_cot": r"[A-Z][a-z]+ has \d+ [a-z]+, gets \d+, gives \d+\. How many\?",
     "word_edit": r"\[[a-z ]+\] [a-z]+",
     "facts": r"(?=[A-Z])[^()\[\]+=]*\b(?i:color|city|live|age|old)\b[^()\[\]+=]*[?.]",
     "composite": r"\(Age of [A-Z][a-z]+\?\)[+-]\d+=|\[[a-z ]+\] \((Color|City) of [A-Z][a-z]+\?\)",
