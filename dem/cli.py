@@ -480,6 +480,13 @@ def _add_training(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--save-every", type=int, help="checkpoint every N steps (default eval-every)")
     f.add_argument("--max-length", type=int, help="max tokens per example (default 128)")
     f.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0)")
+    f.add_argument(
+        "--gradient-checkpointing",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="recompute activations in the backward pass to save memory (default auto: on "
+        "for GPUs under 40 GB, off on larger GPUs and on CPU)",
+    )
     f.add_argument("--n-train", type=int, help="training examples per source")
     f.add_argument("--n-validation", type=int, help="validation examples per source")
     _add_common_training(f)
@@ -552,6 +559,9 @@ def _finetune(args: argparse.Namespace) -> int:
         mixture=mixture,
         source_kwargs=source_kwargs,
         custom_sources=custom or None,
+        gradient_checkpointing={"auto": None, "on": True, "off": False}[
+            args.gradient_checkpointing
+        ],
         **_training_kwargs(args, names),
     )
     if os.environ.get("RANK", "0") == "0":  # one report under accelerate launch / torchrun

@@ -331,3 +331,14 @@ def test_pretraining_text_avoids_the_task_formats():
     for marker in ("=", "+", "####", "[", "?", PROMPT_SEPARATOR.strip()):
         assert marker not in text, marker
     assert any(c.isdigit() for c in text) and any(c.isupper() for c in text)
+
+
+def test_gradient_checkpointing_gives_the_same_weights(base, reference, tmp_path):
+    out, _ = reference
+    assert dem_train.use_gradient_checkpointing(None, torch.device("cpu")) is False
+    assert dem_train.use_gradient_checkpointing(True, torch.device("cpu")) is True
+    checkpointed = tmp_path / "gc"
+    dem_train.finetune(
+        base, checkpointed, mixture={"arithmetic": 1.0}, gradient_checkpointing=True, **FAST
+    )
+    assert same_weights(out, checkpointed)
