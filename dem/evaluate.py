@@ -37,8 +37,17 @@ def _token_nll(model: Any, ids: torch.Tensor, mask: torch.Tensor, labels: torch.
     """Per-token negative log-likelihood (0 where labels are ignored) and the label mask."""
     import torch.nn.functional as F
 
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
     target = labels[:, 1:]
+    # Only positions from the batch's first response token on need logits: for long prompts
+    # with short answers (BoolQ passages, multiple choice) that skips most of the
+    # batch x length x vocabulary logits tensor, the largest of the forward pass.
+    first = int((target != IGNORE_INDEX).any(0).int().argmax())
+    target = target[:, first:]
+    try:
+        out = model(input_ids=ids, attention_mask=mask, logits_to_keep=target.shape[1] + 1)
+    except TypeError:  # a model without logits_to_keep: compute all, keep the same positions
+        out = model(input_ids=ids, attention_mask=mask)
+    logits = out.logits[:, -(target.shape[1] + 1) : -1].float()
     nll = F.cross_entropy(
         logits.reshape(-1, logits.size(-1)),
         target.reshape(-1),
