@@ -73,12 +73,14 @@ def _usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def default_cpu_threads() -> int:
+def default_cpu_threads(*, large_model: bool = False) -> int:
     """The thread count :func:`set_cpu_threads` uses when none is given (see the rule above).
 
     ``DEM_NUM_THREADS`` wins, then ``OMP_NUM_THREADS`` (a user who set it meant it); otherwise
     1 thread on two cores or fewer, else half the usable cores (leaving room for data work and
-    other processes) capped at 8.
+    other processes) capped at 8. ``large_model`` (a pretrained LM, not the tiny default): its
+    matmuls are big enough for every core to help -- measured on 2 cores, a SmolLM2-135M
+    forward pass of 2 x 256 tokens took 1.02 s with one thread and 0.53 s with two.
     """
     for var in (THREADS_ENV, "OMP_NUM_THREADS"):
         value = os.environ.get(var, "").strip()
@@ -91,15 +93,17 @@ def default_cpu_threads() -> int:
                 raise DemError(f"environment variable {var}={value!r} must be at least 1")
             return n
     cores = _usable_cores()
+    if large_model:
+        return max(1, min(cores, _MAX_DEFAULT_THREADS))
     if cores <= 2:
         return 1
     return max(1, min(cores // 2, _MAX_DEFAULT_THREADS))
 
 
-def set_cpu_threads(n: int | None = None) -> int:
+def set_cpu_threads(n: int | None = None, *, large_model: bool = False) -> int:
     """Set torch's intra-op CPU thread count to ``n`` (default: :func:`default_cpu_threads`)."""
     if n is None:
-        n = default_cpu_threads()
+        n = default_cpu_threads(large_model=large_model)
     if n < 1:
         raise DemError(f"CPU thread count must be at least 1, got {n}")
     torch.set_num_threads(n)
