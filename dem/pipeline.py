@@ -118,9 +118,9 @@ def hardware() -> dict:
     try:
         import torch
 
+        # Thread counts are not recorded here: each notebook sets and prints its own.
         if torch.cuda.is_available():
             info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        info["torch_threads"] = torch.get_num_threads()
     except ImportError:
         pass
     return info
