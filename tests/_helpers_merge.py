@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from safetensors import safe_open
 
@@ -73,3 +74,12 @@ def weight_dtypes(folder: Path) -> dict[str, torch.dtype]:
             for name in f.keys():
                 out[name] = f.get_tensor(name).dtype
     return out
+
+
+@pytest.fixture(autouse=True)
+def private_hash_cache(tmp_path_factory, monkeypatch):
+    """Each test hashes from scratch, and nothing is written to the user's ~/.cache.
+
+    Autouse in every test module that imports it (the merge tests).
+    """
+    monkeypatch.setenv("DEM_CACHE_DIR", str(tmp_path_factory.mktemp("dem-cache")))

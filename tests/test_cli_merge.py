@@ -14,19 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from _helpers_merge import load_weights, save_llama
+from _helpers_merge import load_weights, private_hash_cache, save_llama  # noqa: F401 (autouse fixture)
 from safetensors.torch import load_file, save_file
 
 from dem.cli import main
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def _private_hash_cache(tmp_path_factory, monkeypatch):
-    """Each test hashes from scratch, and nothing is written to the user's ~/.cache."""
-    monkeypatch.setenv("DEM_CACHE_DIR", str(tmp_path_factory.mktemp("dem-cache")))
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _helpers_merge import load_weights, save_llama, weight_dtypes
+from _helpers_merge import (  # noqa: F401 (private_hash_cache: autouse fixture)
+    load_weights,
+    private_hash_cache,
+    save_llama,
+    weight_dtypes,
+)
 from safetensors.torch import load_file, save_file
 
 from dem import DemError
@@ -18,12 +23,6 @@ from dem.vectors import extract_vector, load_vector, vector_info
 
 torch.set_num_threads(1)
 W = [0.7, -0.2]
-
-
-@pytest.fixture(autouse=True)
-def _private_hash_cache(tmp_path_factory, monkeypatch):
-    """Each test hashes from scratch, and nothing is written to the user's ~/.cache."""
-    monkeypatch.setenv("DEM_CACHE_DIR", str(tmp_path_factory.mktemp("dem-cache")))
 
 
 @pytest.fixture(scope="module")
