@@ -263,17 +263,19 @@ def _pool_split(
 
 
 # --- built-in: arithmetic (answered directly) ------------------------------------------------
-def _draw_arithmetic(rng: random.Random) -> Example:
-    # One operand has one digit (a units-digit table plus a carry): with both operands up to
-    # 99 the tiny model was still off by a few units after 1000 steps (8% exact); with one
-    # digit it reached 75% (1000 steps, batch 32, lr 1e-3). ~3000 distinct prompts, so the
-    # 10% test split still holds 200.
-    a, b = rng.randint(0, 99), rng.randint(0, 9)
-    if rng.random() < 0.5:
-        x, y = (a, b) if rng.random() < 0.5 else (b, a)
-        return Example(f"{x}+{y}=", str(a + b), str(a + b))
-    a, b = max(a, b), min(a, b)  # keep results non-negative: one less format to learn
-    return Example(f"{a}-{b}=", str(a - b), str(a - b))
+def _arithmetic_examples() -> Iterator[Example]:
+    """All 1800 sums of a two-digit number and a digit, in either order: '37+5=' -> '42'.
+
+    Measured on the tiny base (batch 32, lr 1e-3, three seeds each): these reach 87-99% test
+    accuracy after 600 steps (37/61/26% after 400). Formats that vary more did not learn in
+    that budget: operands 0-99 with one digit (so '3+4=' beside '37+4=') 7% at 400 steps, and
+    adding subtraction 10-20% at 400-600 steps (75% after 1000). A fixed operand layout lets
+    the model find the units digits by position.
+    """
+    for a in range(10, 100):
+        for b in range(10):
+            yield Example(f"{a}+{b}=", str(a + b), str(a + b))
+            yield Example(f"{b}+{a}=", str(a + b), str(a + b))
 
 
 # --- built-in: compare two numbers (the spare source of the swap-one-source experiment) -------
@@ -289,8 +291,8 @@ _ITEMS = ("apples", "pens", "coins", "books", "cards", "eggs", "shells", "stamps
 
 
 def _draw_arithmetic_cot(rng: random.Random) -> Example:
-    # Two-digit start, one-digit changes: each worked step is a one-digit addition or
-    # subtraction, learnable by the tiny model (see _draw_arithmetic).
+    # Two-digit start, one-digit changes: each worked step adds or subtracts a digit, the
+    # layout the tiny model learns fastest (see _arithmetic_examples).
     name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
     a, b = rng.randint(10, 60), rng.randint(2, 9)
     total = a + b
@@ -435,10 +437,9 @@ def _composite_examples(table: list[dict[str, str]]) -> Iterator[Example]:
     """
     for row in table:
         e, age = row["entity"], int(row["age"])
-        for k in (3, 5, 7, 9):  # one digit, as in the arithmetic source
+        for k in (3, 5, 7, 9):  # two digits and a digit, either order, as in arithmetic
             yield Example(f"(Age of {e}?)+{k}=", str(age + k), str(age + k))
-            if age > k:
-                yield Example(f"(Age of {e}?)-{k}=", str(age - k), str(age - k))
+            yield Example(f"{k}+(Age of {e}?)=", str(age + k), str(age + k))
         for attr in ("color", "city"):
             value = row[attr]
             for op in ("reverse", "upper", "count"):
@@ -475,12 +476,16 @@ def _builtin(name: str) -> Source:
 BUILTINS: dict[str, dict[str, Any]] = {
     "arithmetic": dict(
         description=(
-            "Addition/subtraction of a number 0-99 and a digit, answered directly: "
-            "'37+5=' -> '42', '6+37=' -> '43', '41-8=' -> '33'."
+            "Sums of a two-digit number and a digit, either order, answered directly: "
+            "'37+5=' -> '42', '6+37=' -> '43'. A pool of 1800 problems split 70/15/15; "
+            "training examples repeat when more are asked for than the ~1260 training problems."
         ),
         max_new_tokens=5,
         extractor="first_number",
-        make_examples=_generated(_draw_arithmetic),
+        # 70/15/15: the pool is finite, so give evaluation enough of it (~270 each).
+        make_examples=_pooled(
+            _arithmetic_examples, fractions={"train": 0.7, "validation": 0.15, "test": 0.15}
+        ),
     ),
     "arithmetic_cot": dict(
         description=(
