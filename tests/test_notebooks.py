@@ -123,6 +123,27 @@ def test_smoke_run_writes_figures_notebooks_and_manifest(smoke_run):
     assert all(step["wall_s"] > 0 for step in manifest["steps"].values())
 
 
+def test_per_source_steps_and_dmix_budget_of_their_sum(smoke_run):
+    params = yaml.safe_load((PARAMS / "smoke.yaml").read_text())
+    steps = {s: params["source_steps"].get(s, params["finetune_steps"]) for s in params["sources"]}
+    assert len(set(steps.values())) > 1  # smoke.yaml overrides one source
+    models = smoke_run / "models"
+    for name, n in steps.items():
+        assert json.loads((models / "ft" / name / "cost.json").read_text())["steps"] == n, name
+    for run in (models / "dmix").iterdir():  # each DMix run has DEM's total budget
+        assert json.loads((run / "cost.json").read_text())["steps"] == sum(steps.values())
+
+
+def test_misspelt_source_steps_name_is_refused(tmp_path):
+    params = yaml.safe_load((PARAMS / "smoke.yaml").read_text())
+    params["source_steps"] = {"arithmetc": 5}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
+    result = dem_run(tmp_path / "p.yaml", tmp_path / "run")
+    assert result.returncode != 0
+    assert "02_finetuning" in result.stderr and "source_steps" in result.stderr
+    assert "arithmetc" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_rerun_skips_every_finished_step(smoke_run):
     result = dem_run(PARAMS / "smoke.yaml", smoke_run)
     assert result.returncode == 0, result.stderr[-2000:]
