@@ -451,11 +451,12 @@ def _add_training(sub: argparse._SubParsersAction) -> None:
     f = sub.add_parser(
         "finetune",
         help="fine-tune a base on one source or a mixture of sources (DMix)",
-        description="Full fine-tuning on one source (--source) or on a mixture (--mixture "
-        "a=0.5,b=0.5: each example's source drawn by the ratios). Writes an ordinary model "
-        "folder plus train_log.csv, cost.json and dem_train.json, and prints the cost record. "
-        "An interrupted run resumes from its last checkpoint when rerun with the same "
-        "arguments. Several GPUs: accelerate launch -m dem finetune ... (or torchrun).",
+        description="Full (or, with --lora-r, LoRA) fine-tuning on one source (--source) or "
+        "on a mixture (--mixture a=0.5,b=0.5: each example's source drawn by the ratios). "
+        "Writes an ordinary model folder plus train_log.csv, cost.json and dem_train.json, "
+        "and prints the cost record. An interrupted run resumes from its last checkpoint when "
+        "rerun with the same arguments. Several GPUs: accelerate launch -m dem finetune ... "
+        "(or torchrun).",
     )
     f.add_argument("--base", required=True, metavar="DIR", help="base model folder or hub id")
     what = f.add_mutually_exclusive_group(required=True)
@@ -486,6 +487,26 @@ def _add_training(sub: argparse._SubParsersAction) -> None:
         default="auto",
         help="recompute activations in the backward pass to save memory (default auto: on "
         "for GPUs under 40 GB, off on larger GPUs and on CPU)",
+    )
+    f.add_argument(
+        "--lora-r",
+        type=int,
+        metavar="N",
+        help="train rank-N LoRA adapters (peft; 0 = full fine-tuning) instead of every weight; "
+        "they are merged into the weights at the end, so the output is an ordinary model folder "
+        "(default 0)",
+    )
+    f.add_argument(
+        "--lora-alpha", type=float, metavar="A", help="LoRA scale alpha (default 2 x lora-r)"
+    )
+    f.add_argument(
+        "--lora-dropout", type=float, metavar="P", help="dropout on the LoRA input (default 0)"
+    )
+    f.add_argument(
+        "--lora-target",
+        metavar="MODULES",
+        help="modules that get adapters: all-linear (every linear layer but the output head) "
+        "or comma-separated names such as q_proj,v_proj (default all-linear)",
     )
     f.add_argument("--n-train", type=int, help="training examples per source")
     f.add_argument("--n-validation", type=int, help="validation examples per source")
@@ -553,6 +574,7 @@ def _finetune(args: argparse.Namespace) -> int:
     set_cpu_threads(args.threads)
     names = ("steps", "batch_size", "lr", "warmup_steps", "grad_accum", "eval_every")
     names += ("save_every", "max_length", "weight_decay", "seed", "device")
+    names += ("lora_r", "lora_alpha", "lora_dropout", "lora_target")
     cost = finetune(
         args.base,
         args.out,

@@ -33,6 +33,7 @@ import shutil
 import subprocess
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -433,7 +434,13 @@ def _train_loop(
         raise AssertionError("schedule length does not match steps x grad_accum x processes")
 
     torch.manual_seed(seed)
+    # N of the 6·N·tokens estimate: every parameter the forward pass runs through (with LoRA:
+    # the frozen base plus the adapters). With frozen weights the backward pass skips their
+    # weight gradients (about a third of the 6N), so for LoRA the estimate is an upper bound.
     n_params = dem_models.count_parameters(model)
+    # Frozen parameters (LoRA's base) get no optimizer state; in full fine-tuning this is
+    # every parameter, in the same order as model.parameters().
+    trainable = [p for p in model.parameters() if p.requires_grad]
     model.train()
     # Weight decay is off by default for fine-tuning: it would add a shrink-towards-zero
     # component to every distribution vector that no data asked for.
@@ -441,7 +448,7 @@ def _train_loop(
     # per-tensor Python loop of the default implementation costs ~25% of a step.
     fused = accelerator.device.type in ("cpu", "cuda")
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=lr, betas=ADAM_BETAS, weight_decay=weight_decay, fused=fused
+        trainable, lr=lr, betas=ADAM_BETAS, weight_decay=weight_decay, fused=fused
     )
     # Warmup is capped at half the run, so short smoke runs with the default warmup still decay.
     scheduler = get_cosine_schedule_with_warmup(optimizer, min(warmup_steps, steps // 2), steps)
@@ -540,6 +547,7 @@ def _train_loop(
         "response_tokens": sum(r["response_tokens"] for r in log),
         "flops": 6 * n_params * train_tokens,
         "params": n_params,
+        "trainable_params": sum(p.numel() for p in trainable),
         "wall_s": wall_s,
         "steps": steps,
         "examples": sum(len(b) for b in schedule),
@@ -911,10 +919,14 @@ def finetune(
     overwrite: bool = False,
     replace: bool = False,
     gradient_checkpointing: bool | None = None,
+    lora_r: int = 0,
+    lora_alpha: float | None = None,
+    lora_dropout: float = 0.0,
+    lora_target: str = "all-linear",
     progress: bool = True,
     callback: Callable[[int, dict], None] | None = None,
 ) -> dict:
-    """Fully fine-tune ``base`` on a mixture of sources (``{"arithmetic": 1.0}`` = one source).
+    """Fine-tune ``base`` on a mixture of sources (``{"arithmetic": 1.0}`` = one source).
 
     Each training example's source is drawn by the mixture ratios (deterministic by ``seed``);
     the loss falls on response tokens only. Validation loss (response tokens of every mixture
@@ -922,6 +934,15 @@ def finetune(
     (default ``eval_every``) steps, from which an interrupted run resumes to the same weights.
     ``custom_sources`` maps a mixture name to a :func:`dem.sources.get_source` dict spec (your
     own data). ``callback(step, log_row)`` is called after every optimizer step.
+
+    ``lora_r=0`` (default) trains every weight. ``lora_r > 0`` trains LoRA adapters of rank
+    ``lora_r`` (through ``peft``: ``pip install 'dem[lora]'``) on the modules ``lora_target``
+    names -- ``"all-linear"`` (every linear layer but the output head) or comma-separated
+    module names such as ``"q_proj,v_proj"`` -- scaled by ``lora_alpha / lora_r`` (default
+    alpha ``2 * lora_r``), with ``lora_dropout`` on their input. The adapters are merged into
+    the weights before saving, so the output is still an ordinary full model folder (same
+    tensors as the base, no adapter files) and its distribution vector is the merged adapter
+    update: nonzero only in the targeted matrices, each of rank at most ``lora_r``.
 
     Returns the cost record, also written to ``out_dir/cost.json``.
     """
@@ -940,6 +961,7 @@ def finetune(
         raise DemError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise DemError(f"lr must be a positive number, got {lr!r}")
+    lora = _check_lora(lora_r, lora_alpha, lora_dropout, lora_target)
     ratios = normalize_mixture(mixture)
     source_kwargs = dict(source_kwargs or {})
     custom_sources = {k: dict(v) for k, v in (custom_sources or {}).items()}
@@ -966,25 +988,42 @@ def finetune(
         "save_every": save_every or eval_every,
         "processes": accelerator.num_processes,
     }
+    # Only LoRA runs record LoRA settings, so full fine-tuning runs made before LoRA existed
+    # keep their parameters and stay cached.
+    params.update({f"lora_{k}": v for k, v in (lora or {}).items()})
     # JSON round trip: what is compared on resume must be exactly what the record holds.
     params = json.loads(json.dumps(params))
     work, cached = _prepare_synced(accelerator, out, params, overwrite, replace)
     if cached is not None:
         return cached
     record = _record("finetune", params)
+    if lora:
+        import peft
+
+        record["versions"]["peft"] = peft.__version__
     if accelerator.is_main_process:
         _write_json(work / "dem_train.json", {**record, "status": "running"})
 
     with _transformers_bars(progress):
         model, tokenizer = dem_models.load_model(base)
-    if use_gradient_checkpointing(gradient_checkpointing, accelerator.device):
+    checkpointing = use_gradient_checkpointing(gradient_checkpointing, accelerator.device)
+    if checkpointing:
         # transformers 5 renamed it; the old name still works but warns.
         getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
-    if max_length > getattr(model.config, "max_position_embeddings", max_length):
-        raise DemError(
-            f"max_length={max_length} exceeds the model's max_position_embeddings="
-            f"{model.config.max_position_embeddings}"
-        )
+    try:
+        if max_length > getattr(model.config, "max_position_embeddings", max_length):
+            raise DemError(
+                f"max_length={max_length} exceeds the model's max_position_embeddings="
+                f"{model.config.max_position_embeddings}"
+            )
+        if lora:
+            model = _add_lora(model, base, lora, seed=seed, checkpointing=checkpointing)
+    except DemError:
+        # Nothing trained yet: leave no unfinished run behind that a corrected rerun (other
+        # parameters) would be refused by.
+        if accelerator.is_main_process and not (work / CHECKPOINT).exists():
+            shutil.rmtree(work, ignore_errors=True)
+        raise
     encoded = {
         name: encode_examples(tokenizer, src.examples("train"), max_length, name=f"{name} train")
         for name, src in sources.items()
@@ -1031,7 +1070,85 @@ def finetune(
         callback=callback,
     )
     result["mixture"] = ratios
+    if lora:
+        # W + (alpha / r) B A into the base weights, adapters removed: an ordinary model.
+        result["_model"] = result["_model"].merge_and_unload()
     with _transformers_bars(progress):
         result = _complete(result, tokenizer, work, out, record)
     accelerator.wait_for_everyone()
     return result
+
+
+def _check_lora(r: Any, alpha: Any, dropout: Any, target: Any) -> dict | None:
+    """Validate the LoRA options; their record (alpha resolved), or None for full fine-tuning."""
+    if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+        raise DemError(f"lora_r must be an integer >= 0 (0 = full fine-tuning), got {r!r}")
+    if alpha is not None and not (
+        isinstance(alpha, (int, float))
+        and not isinstance(alpha, bool)
+        and math.isfinite(alpha)
+        and alpha > 0
+    ):
+        raise DemError(f"lora_alpha must be a positive number, got {alpha!r}")
+    if not (isinstance(dropout, (int, float)) and 0 <= dropout < 1):
+        raise DemError(f"lora_dropout must be a number in [0, 1), got {dropout!r}")
+    if not isinstance(target, str) or not target.strip(" ,"):
+        raise DemError(
+            f"lora_target must name modules (e.g. 'all-linear', 'q_proj,v_proj'), got {target!r}"
+        )
+    if r == 0:
+        if alpha is not None or dropout != 0 or target != "all-linear":
+            # Most likely a forgotten lora_r: silently training every weight would be worse.
+            raise DemError(
+                "lora_alpha, lora_dropout and lora_target need lora_r > 0 (LoRA); "
+                "lora_r=0 is full fine-tuning"
+            )
+        return None
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        raise DemError(
+            "LoRA (lora_r > 0) needs the peft package: pip install 'dem[lora]'"
+        ) from None
+    return {"r": r, "alpha": float(alpha or 2 * r), "dropout": float(dropout), "target": target}
+
+
+def _add_lora(model: Any, base: str | Path, lora: dict, *, seed: int, checkpointing: bool) -> Any:
+    """Wrap ``model`` in LoRA adapters (peft): from here on only the adapters train."""
+    from peft import LoraConfig, get_peft_model
+
+    target = lora["target"]
+    modules = (
+        target if target == "all-linear" else [t.strip() for t in target.split(",") if t.strip()]
+    )
+    config = LoraConfig(
+        r=lora["r"],
+        lora_alpha=lora["alpha"],
+        lora_dropout=lora["dropout"],
+        target_modules=modules,
+        task_type="CAUSAL_LM",
+    )
+    if checkpointing:
+        # With frozen embeddings nothing entering a checkpointed block requires grad, and
+        # reentrant checkpointing would then drop the adapters' gradients. transformers 5 does
+        # this when checkpointing is enabled; older versions and remote code may not.
+        model.enable_input_require_grads()
+    # The adapters' random init (A; B starts at zero) must be the same on every (re)run.
+    torch.manual_seed(seed)
+    try:
+        with warnings.catch_warnings():
+            # peft reads transformers' deprecated name; nothing for the user to change.
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated")
+            return get_peft_model(model, config)
+    except ValueError as err:
+        linear = sorted(
+            {
+                n.rsplit(".", 1)[-1]
+                for n, m in model.named_modules()
+                if isinstance(m, torch.nn.Linear)
+            }
+        )
+        raise DemError(
+            f"lora_target={target!r} does not fit model {base} ({dem_models._first_line(err)}); "
+            f"its linear layers are: {', '.join(linear)}"
+        ) from None

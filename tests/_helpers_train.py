@@ -23,6 +23,10 @@ FAST = {
 }
 
 
+class Interrupt(Exception):
+    """Stands in for a crash or Ctrl-C in the middle of a run."""
+
+
 def make_base(folder: Path) -> Path:
     """Save a freshly initialised tiny Llama with the tiny tokenizer as a model folder."""
     from dem.data import build_tiny_tokenizer

@@ -10,16 +10,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from _helpers_train import FAST, SOURCE_KWARGS, make_base, same_weights, weights
+from _helpers_train import FAST, SOURCE_KWARGS, Interrupt, make_base, same_weights, weights
 
 from dem import DemError
 from dem import train as dem_train
 
 torch.set_num_threads(1)
-
-
-class Interrupt(Exception):
-    """Stands in for a crash or Ctrl-C in the middle of a run."""
 
 
 @pytest.fixture(scope="module")
