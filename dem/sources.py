@@ -478,11 +478,11 @@ BUILTINS: dict[str, dict[str, Any]] = {
         description=(
             "Sums of a two-digit number and a digit, either order, answered directly: "
             "'37+5=' -> '42', '6+37=' -> '43'. A pool of 1800 problems split 70/15/15; "
-            "training examples repeat when more are asked for than the ~1260 training problems."
+            "training examples repeat when more are asked for than the ~1250 training problems."
         ),
         max_new_tokens=5,
         extractor="first_number",
-        # 70/15/15: the pool is finite, so give evaluation enough of it (~270 each).
+        # 70/15/15: the pool is finite, so give evaluation enough of it (260-290 each).
         make_examples=_pooled(
             _arithmetic_examples, fractions={"train": 0.7, "validation": 0.15, "test": 0.15}
         ),

@@ -878,6 +878,16 @@ def _check_positive(**values: int) -> None:
             raise DemError(f"{name} must be a positive integer, got {value!r}")
 
 
+def _check_positive_number(name: str, value: Any) -> None:
+    if not (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    ):
+        raise DemError(f"{name} must be a positive number, got {value!r}")
+
+
 # ----------------------------------------------------------------------------------------------
 # Fine-tuning on one source or a mixture (DMix)
 # ----------------------------------------------------------------------------------------------
@@ -959,8 +969,7 @@ def finetune(
     )
     if not isinstance(warmup_steps, int) or warmup_steps < 0:
         raise DemError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise DemError(f"lr must be a positive number, got {lr!r}")
+    _check_positive_number("lr", lr)
     lora = _check_lora(lora_r, lora_alpha, lora_dropout, lora_target)
     ratios = normalize_mixture(mixture)
     source_kwargs = dict(source_kwargs or {})
@@ -1083,13 +1092,8 @@ def _check_lora(r: Any, alpha: Any, dropout: Any, target: Any) -> dict | None:
     """Validate the LoRA options; their record (alpha resolved), or None for full fine-tuning."""
     if isinstance(r, bool) or not isinstance(r, int) or r < 0:
         raise DemError(f"lora_r must be an integer >= 0 (0 = full fine-tuning), got {r!r}")
-    if alpha is not None and not (
-        isinstance(alpha, (int, float))
-        and not isinstance(alpha, bool)
-        and math.isfinite(alpha)
-        and alpha > 0
-    ):
-        raise DemError(f"lora_alpha must be a positive number, got {alpha!r}")
+    if alpha is not None:
+        _check_positive_number("lora_alpha", alpha)
     if not (isinstance(dropout, (int, float)) and 0 <= dropout < 1):
         raise DemError(f"lora_dropout must be a number in [0, 1), got {dropout!r}")
     if not isinstance(target, str) or not target.strip(" ,"):
