@@ -22,14 +22,13 @@ import torch
 from tqdm import tqdm
 
 from dem import DemError, __version__
+from dem.io import atomic_output_dir, check_output_free
 from dem.safetensors_io import (
     DTYPE_NAMES,
     DTYPES,
     ShardedWriter,
     WeightFolder,
     _nbytes,
-    atomic_output_dir,
-    check_output_free,
 )
 from dem.vectors import VECTOR_MARKER
 

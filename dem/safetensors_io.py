@@ -23,14 +23,10 @@ import math
 import mmap
 import os
 import re
-import shutil
-import signal
 import struct
 import threading
-import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -387,72 +383,3 @@ def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:
     for d in shape:
         n *= d
     return n * DTYPES[dtype].itemsize
-
-
-def _terminate(signum, frame):  # noqa: ARG001
-    # SIGTERM would otherwise end the process without running `finally` blocks, leaving the
-    # temporary folder behind; SystemExit unwinds through them.
-    raise SystemExit(128 + signum)
-
-
-@contextmanager
-def atomic_output_dir(out: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder next to ``out``; rename it to ``out`` only when the block succeeds.
-
-    On any exception (including SIGTERM and Ctrl-C) the temporary folder is removed and ``out``
-    is untouched. With ``overwrite`` an existing ``out`` is replaced only after the new one is
-    complete. A SIGKILL cannot be caught: it leaves a folder named ``.<out>.dem-tmp-<pid>-…``,
-    never ``out`` itself; the next run with the same ``out`` removes such leftovers whose
-    process is gone.
-    """
-    out = Path(out)
-    check_output_free(out, overwrite=overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp(out)
-    tmp = out.parent / f".{out.name}.dem-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    in_main = _is_main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminate) if in_main else None
-    try:
-        yield tmp
-        check_output_free(out, overwrite=overwrite)  # someone may have created it meanwhile
-        if out.exists():
-            old = out.parent / f".{out.name}.dem-old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    finally:
-        if in_main:
-            signal.signal(signal.SIGTERM, previous)
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def check_output_free(out: Path, *, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise DemError(f"output {out} already exists (pass --overwrite to replace it)")
-    if out.exists() and not out.is_dir():
-        raise DemError(f"output {out} exists and is not a folder")
-
-
-def _remove_stale_tmp(out: Path) -> None:
-    for leftover in out.parent.glob(f".{out.name}.dem-tmp-*"):
-        pid = leftover.name.rsplit("-", 2)[-2]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            shutil.rmtree(leftover, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _is_main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()

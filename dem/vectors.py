@@ -36,8 +36,9 @@ def extract_vector(
     """
     from tqdm import tqdm
 
+    from dem.io import atomic_output_dir
     from dem.merge import _open_input, _parse_size
-    from dem.safetensors_io import DTYPE_NAMES, ShardedWriter, WeightFolder, atomic_output_dir
+    from dem.safetensors_io import DTYPE_NAMES, ShardedWriter, WeightFolder
 
     base, model, out = Path(base), Path(model), Path(out)
     base_weights = WeightFolder(base, role="base")
