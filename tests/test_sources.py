@@ -23,7 +23,9 @@ from dem.sources import (
     load_fact_table,
     make_fact_table,
     normalize_text,
+    write_fact_table,
 )
+from dem.sources.pretraining import pretraining_text
 
 BUILTIN = ["arithmetic", "arithmetic_cot", "word_edit", "facts", "composite"]
 REAL = ["gsm8k", "boolq", "commonsense_qa", "asdiv"]
@@ -94,6 +96,31 @@ def test_fact_table_file_matches_generator():
     assert FACTS_CSV.exists()
     assert load_fact_table() == make_fact_table()
     assert len({row["entity"] for row in make_fact_table()}) == 40
+
+
+def test_write_fact_table_reproduces_the_file(tmp_path):
+    written = write_fact_table(tmp_path / "facts.csv")
+    assert written.read_bytes() == FACTS_CSV.read_bytes()
+    assert [p.name for p in tmp_path.iterdir()] == ["facts.csv"]  # no temporary file left
+
+
+def test_with_max_new_tokens_is_a_copy():
+    source = get_source("arithmetic_cot")
+    test = source.examples("test")
+    short = source.with_max_new_tokens(7)
+    assert (short.max_new_tokens, source.max_new_tokens) == (7, 32)
+    assert short.examples("test") == test and short.name == source.name
+    with pytest.raises(DemError, match="max_new_tokens must be a positive"):
+        source.with_max_new_tokens(0)
+
+
+def test_get_source_caps_the_generation_budget():
+    budget = get_source("arithmetic_cot").max_new_tokens
+    assert get_source("arithmetic_cot", max_new_tokens_cap=4).max_new_tokens == 4
+    assert get_source("arithmetic_cot", max_new_tokens_cap=budget + 50).max_new_tokens == budget
+    assert get_source("arithmetic_cot", max_new_tokens_cap=0).max_new_tokens == budget
+    with pytest.raises(DemError, match="max_new_tokens_cap must be"):
+        get_source("arithmetic_cot", max_new_tokens_cap=-1)
 
 
 def _entity(prompt, table):
@@ -433,3 +460,9 @@ def test_finite_pool_train_repeats_but_evaluation_never():
     ):
         validation = source.examples("validation")
     assert len({e.prompt for e in validation}) == len(validation) < 5000
+
+
+def test_pretraining_text_deterministic_and_sized():
+    docs = pretraining_text(20_000, seed=0)
+    assert docs == pretraining_text(20_000, seed=0) != pretraining_text(20_000, seed=1)
+    assert 20_000 <= sum(len(d) + 2 for d in docs) < 20_000 + 2 * max(map(len, docs))
