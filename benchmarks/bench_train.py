@@ -29,10 +29,10 @@ SOURCES = ("arithmetic", "arithmetic_cot", "word_edit", "facts")
 
 def batches_and_base(folder: Path, steps: int, batch_size: int, max_length: int):
     """The tiny base saved in ``folder`` and the exact batches ``finetune`` will train on."""
-    from dem import train
-    from dem.data import build_tiny_tokenizer, encode_examples
+    from dem.data import build_tiny_tokenizer, encode_examples, pad_batch
     from dem.models import build_tiny_model, save_model
     from dem.sources import get_source
+    from dem.training.schedule import build_schedule
 
     tokenizer = build_tiny_tokenizer()
     base = save_model(build_tiny_model(tokenizer), tokenizer, folder / "base")
@@ -40,22 +40,20 @@ def batches_and_base(folder: Path, steps: int, batch_size: int, max_length: int)
         s: encode_examples(tokenizer, get_source(s).examples("train"), max_length) for s in SOURCES
     }
     lengths = {s: [len(e["input_ids"]) for e in rows] for s, rows in encoded.items()}
-    schedule = train.build_schedule(
+    schedule = build_schedule(
         lengths, dict.fromkeys(SOURCES, 1.0), n_batches=steps, batch_size=batch_size, seed=0
     )
-    batches = [
-        train._collate([encoded[s][i] for s, i in b], tokenizer.pad_token_id) for b in schedule
-    ]
+    batches = [pad_batch([encoded[s][i] for s, i in b], tokenizer.pad_token_id) for b in schedule]
     return base, batches
 
 
 def run_dem(base: Path, out: Path, steps: int, batch_size: int, max_length: int) -> float:
-    """tokens/s of dem.train.finetune's loop (log wall time: steps only, no setup)."""
+    """tokens/s of dem.training's loop (log wall time: steps only, no setup)."""
     import pandas as pd
 
-    from dem import train
+    from dem.training.finetune import finetune
 
-    train.finetune(
+    finetune(
         base, out, mixture=dict.fromkeys(SOURCES, 1.0), steps=steps, batch_size=batch_size,
         lr=1e-3, warmup_steps=steps // 10, eval_every=steps, max_length=max_length,
         progress=False, overwrite=True,

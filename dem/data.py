@@ -8,9 +8,7 @@ folder, so the tiny model is a plain Hugging Face model like any other. Any othe
 
 from __future__ import annotations
 
-import os
 import random
-import shutil
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -18,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dem import DemError
+from dem.io import write_bytes
 
 if TYPE_CHECKING:  # heavy imports stay lazy: ``import dem.data`` is cheap
     import torch
@@ -67,16 +66,13 @@ def build_tiny_tokenizer(out_dir: str | Path | None = None) -> PreTrainedTokeniz
 
 
 def _save_tokenizer(tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
-    # Write into a temporary folder, then move each file into place with an atomic rename, so
-    # an interrupted save never leaves a half-written tokenizer.json behind.
+    # Save into a scratch folder, then write each file into place atomically, so an
+    # interrupted save never leaves a half-written tokenizer.json behind.
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tokenizer-", dir=out_dir))
-    try:
+    with tempfile.TemporaryDirectory(prefix=".tokenizer-", dir=out_dir) as tmp:
         tokenizer.save_pretrained(tmp)
-        for f in tmp.iterdir():
-            os.replace(f, out_dir / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for f in Path(tmp).iterdir():
+            write_bytes(out_dir / f.name, f.read_bytes())
 
 
 def format_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
@@ -193,8 +189,6 @@ def make_batches(
     each pool and chunked: batches hold similar lengths (little padding) yet their contents
     still change with the seed. Batch order is shuffled too. Deterministic for a seed.
     """
-    import torch
-
     if batch_size < 1:
         raise DemError(f"batch_size must be positive, got {batch_size}")
     order = list(range(len(encoded)))
@@ -211,19 +205,28 @@ def make_batches(
         groups += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
     if shuffle:
         rng.shuffle(groups)
-    batches = []
-    for group in groups:
-        width = max(len(encoded[i]["input_ids"]) for i in group)
-        ids = torch.full((len(group), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(group), width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(group), width), dtype=torch.long)
-        for row, i in enumerate(group):
-            n = len(encoded[i]["input_ids"])
-            ids[row, :n] = torch.tensor(encoded[i]["input_ids"])
-            labels[row, :n] = torch.tensor(encoded[i]["labels"])
-            mask[row, :n] = 1
-        batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
-    return batches
+    return [pad_batch([encoded[i] for i in group], pad_id) for group in groups]
+
+
+def pad_batch(rows: Sequence[dict[str, Sequence[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad encoded examples, in the given order, into one batch.
+
+    Keys input_ids (``pad_id`` on padding), attention_mask (0 on padding) and labels
+    (``IGNORE_INDEX`` on padding, so the loss never falls on it). The one padding routine of
+    training, validation and evaluation.
+    """
+    import torch
+
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n] = torch.tensor(r["input_ids"])
+        labels[i, :n] = torch.tensor(r["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def padding_fraction(batches: Sequence[dict[str, Any]]) -> float:

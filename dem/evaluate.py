@@ -10,17 +10,18 @@ takes half the time of ``model.generate``'s default dynamic cache, and the outpu
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from dem import DemError
-from dem.data import IGNORE_INDEX, encode_examples, encode_prompts
+from dem.data import IGNORE_INDEX, encode_examples, encode_prompts, pad_batch
+from dem.sources import Example, get_source
 
 if TYPE_CHECKING:
     import pandas as pd
     import torch
 
-    from dem.sources import Example, Source
+    from dem.sources import Source
 
 METRICS = ("loss", "perplexity", "accuracy")
 
@@ -33,43 +34,46 @@ def _max_length(model: Any, default: int = 1024) -> int:
     return int(getattr(model.config, "max_position_embeddings", None) or default)
 
 
-def _token_nll(model: Any, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor):
-    """Per-token negative log-likelihood (0 where labels are ignored) and the label mask."""
+def response_nll(
+    model: Any,
+    batch: Mapping[str, torch.Tensor],
+    *,
+    reduction: str = "none",
+    skip_prompt: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Negative log-likelihood of each response token given what precedes it; the one loss.
+
+    ``batch`` is a :func:`dem.data.pad_batch` batch on the model's device. Returns the
+    cross-entropy (float32 logits, labels shifted by one, ``IGNORE_INDEX`` skipped) and the
+    mask of scored target positions. ``reduction="none"``: per position, 0 where ignored;
+    ``"sum"``: one summed scalar (training's validation loss sums each batch this way).
+    ``skip_prompt``: compute logits only from the batch's first response token on -- for long
+    prompts with short answers (BoolQ passages, multiple choice) that skips most of the
+    batch x length x vocabulary logits tensor, the largest of the forward pass.
+    """
     import torch.nn.functional as F
 
-    target = labels[:, 1:]
-    # Only positions from the batch's first response token on need logits: for long prompts
-    # with short answers (BoolQ passages, multiple choice) that skips most of the
-    # batch x length x vocabulary logits tensor, the largest of the forward pass.
-    first = int((target != IGNORE_INDEX).any(0).int().argmax())
-    target = target[:, first:]
-    try:
-        out = model(input_ids=ids, attention_mask=mask, logits_to_keep=target.shape[1] + 1)
-    except TypeError:  # a model without logits_to_keep: compute all, keep the same positions
-        out = model(input_ids=ids, attention_mask=mask)
-    logits = out.logits[:, -(target.shape[1] + 1) : -1].float()
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    target = batch["labels"][:, 1:]
+    if skip_prompt:
+        first = int((target != IGNORE_INDEX).any(0).int().argmax())
+        target = target[:, first:]
+        try:
+            out = model(input_ids=ids, attention_mask=mask, logits_to_keep=target.shape[1] + 1)
+        except TypeError:  # a model without logits_to_keep: compute all, keep the same positions
+            out = model(input_ids=ids, attention_mask=mask)
+        logits = out.logits[:, -(target.shape[1] + 1) : -1]
+    else:
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
     nll = F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)),
+        logits.float().reshape(-1, logits.size(-1)),
         target.reshape(-1),
         ignore_index=IGNORE_INDEX,
-        reduction="none",
-    ).view(target.shape)
+        reduction=reduction,
+    )
+    if reduction == "none":
+        nll = nll.view(target.shape)
     return nll, target != IGNORE_INDEX
-
-
-def _padded(rows: Sequence[dict[str, list[int]]], pad_id: int, device: Any):
-    import torch
-
-    width = max(len(r["input_ids"]) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r["input_ids"])
-        ids[i, :n] = torch.tensor(r["input_ids"])
-        labels[i, :n] = torch.tensor(r["labels"])
-        mask[i, :n] = 1
-    return ids.to(device), mask.to(device), labels.to(device)
 
 
 def _sequence_nll(model: Any, tokenizer: Any, encoded: list[dict], batch_size: int):
@@ -82,8 +86,9 @@ def _sequence_nll(model: Any, tokenizer: Any, encoded: list[dict], batch_size: i
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            ids, mask, labels = _padded([encoded[i] for i in idx], pad, _device(model))
-            nll, keep = _token_nll(model, ids, mask, labels)
+            batch = pad_batch([encoded[i] for i in idx], pad)
+            batch = {k: v.to(_device(model)) for k, v in batch.items()}
+            nll, keep = response_nll(model, batch)
             for row, i in enumerate(idx):
                 sums[i] = float(nll[row].sum())
                 counts[i] = int(keep[row].sum())
@@ -212,8 +217,6 @@ def choice_predictions(
     model: Any, tokenizer: Any, examples: Sequence[Example], *, batch_size: int = 64
 ) -> list[str]:
     """For multiple choice: the choice with the highest summed log-likelihood, per example."""
-    from dem.sources import Example
-
     flat = [Example(ex.prompt, c, "") for ex in examples for c in ex.choices]
     if not flat:
         raise DemError("multiple-choice scoring needs examples with choices")
@@ -259,8 +262,6 @@ def evaluate(
     is used where it is (its device, dtype) and left in its mode.
     """
     import pandas as pd
-
-    from dem.sources import get_source
 
     unknown = set(metrics) - set(METRICS)
     if unknown:

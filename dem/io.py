@@ -106,7 +106,7 @@ def atomic_output_dir(out: str | Path, *, overwrite: bool = False) -> Iterator[P
 
 def check_output_free(out: Path, *, overwrite: bool) -> None:
     if out.exists() and not overwrite:
-        raise DemError(f"output {out} already exists (pass --overwrite to replace it)")
+        raise DemError(f"output {out} already exists (pass overwrite=True to replace it)")
     if out.exists() and not out.is_dir():
         raise DemError(f"output {out} exists and is not a folder")
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import torch
 
 import dem
 from dem import DemError
+from dem.io import atomic_output_dir
 
 # The thread rule below was measured on the 2-vCPU machine this project is developed on, with a
 # 0.67M-parameter Llama (hidden 128, 4 layers) doing AdamW steps on 32x48-token batches:
@@ -226,7 +226,7 @@ def _split_gguf(path_or_id: str, gguf_file: str | None) -> tuple[str, str | None
     return path_or_id, gguf_file
 
 
-def _first_line(err: Exception) -> str:
+def first_line(err: Exception) -> str:
     # OSError: missing files / unreachable hub; ValueError: unsupported architecture or remote
     # code needed. The first line of transformers' message names the cause.
     text = str(err).strip()
@@ -246,7 +246,7 @@ def load_tokenizer(
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as err:
-        raise DemError(f"cannot load the tokenizer of {path_or_id!s}: {_first_line(err)}") from None
+        raise DemError(f"cannot load the tokenizer of {path_or_id!s}: {first_line(err)}") from None
     if tokenizer.pad_token_id is None:
         # Batched training and generation need a pad id; eos is the usual stand-in and is
         # never trained on as padding because padded positions carry label -100.
@@ -286,22 +286,11 @@ def load_model(
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32, **kwargs)
     except (OSError, ValueError) as err:
-        raise DemError(f"cannot load model {path_or_id!s}: {_first_line(err)}") from None
+        raise DemError(f"cannot load model {path_or_id!s}: {first_line(err)}") from None
     check_vocab(model, tokenizer, where=str(path_or_id))
     if device is not None:
         model.to(torch.device(device))
     return model, tokenizer
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` folder to ``out``, replacing any previous ``out``."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 def save_model(
@@ -313,16 +302,11 @@ def save_model(
     ``extra_files`` (name -> text) are written into the folder before the rename.
     """
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
+    with atomic_output_dir(out, overwrite=True) as tmp:
         model.save_pretrained(tmp)  # safetensors is transformers' only format since v5
         tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        _replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -375,18 +359,12 @@ def prepare_base(
 
 def _link_dir(src: Path, out: Path) -> Path:
     """Give ``out`` the files of ``src`` (hard links where possible), atomically."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.mkdir()
+    with atomic_output_dir(out, overwrite=True) as tmp:
         for f in src.iterdir():
             try:
                 os.link(f, tmp / f.name)
             except OSError:  # another file system, or no hard links: copy
                 shutil.copy2(f, tmp / f.name)
-        _replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

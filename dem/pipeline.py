@@ -12,32 +12,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
-import subprocess
-import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 import yaml
 
-from dem import DemError, __version__
+from dem import DemError
+from dem.io import write_json
+from dem.layout import RunLayout
+from dem.provenance import provenance
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
 PARAMS = NOTEBOOKS / "params"
 # Parameters dem run supplies itself; a parameter file must not set them.
 RESERVED = {"run_dir"}
-
-
-def write_json(path: str | Path, data) -> Path:
-    """Write JSON atomically: a reader never sees a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
-    os.replace(tmp, path)
-    return path
 
 
 def load_params(path: str | Path) -> dict:
@@ -65,67 +54,6 @@ def notebooks(folder: Path = NOTEBOOKS) -> list[Path]:
     return found
 
 
-def software_versions() -> dict[str, str]:
-    names = [
-        "torch",
-        "transformers",
-        "accelerate",
-        "datasets",
-        "safetensors",
-        "tokenizers",
-        "papermill",
-        "pandas",
-        "seaborn",
-    ]
-    versions = {"python": platform.python_version(), "dem": __version__}
-    for name in names:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
-def git_commit(repo: Path = REPO) -> dict[str, str | bool | None]:
-    """The commit the code ran from, and whether the work tree had uncommitted changes."""
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(repo), "rev-parse", "HEAD"],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        dirty = (
-            subprocess.run(
-                ["git", "-C", str(repo), "status", "--porcelain"],
-                check=True,
-                capture_output=True,
-                text=True,
-            ).stdout.strip()
-            != ""
-        )
-        return {"commit": commit, "dirty": dirty}
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "dirty": None}
-
-
-def hardware() -> dict:
-    info = {
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-    }
-    try:
-        import torch
-
-        # Thread counts are not recorded here: each notebook sets and prints its own.
-        if torch.cuda.is_available():
-            info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    except ImportError:
-        pass
-    return info
-
-
 def _step_key(notebook: Path, parameters: dict, previous: str) -> str:
     digest = hashlib.sha256(notebook.read_bytes())
     digest.update(json.dumps(parameters, sort_keys=True, default=str).encode())
@@ -149,7 +77,8 @@ def run(
     params = {**load_params(params_file), **(overrides or {})}
     run_dir = Path(out) if out else Path("runs") / params_file.stem
     run_dir = run_dir.resolve()
-    manifest_path = run_dir / "manifest.json"
+    layout = RunLayout(run_dir)
+    manifest_path = layout.manifest
     if run_dir.exists() and any(run_dir.iterdir()) and not manifest_path.exists() and not force:
         raise DemError(
             f"output folder {run_dir} exists and is not a dem run folder; "
@@ -171,25 +100,23 @@ def run(
     os.environ.setdefault("MPLBACKEND", "agg")
     # Per-file "Loading weights" bars would bury the notebooks' own output.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # provenance(): versions, git {commit, dirty}, hardware, command, time (UTC).
     manifest = {
         "params_file": str(params_file.resolve()),
         "parameters": params,
         "seed": params.get("seed"),
-        "versions": software_versions(),
-        "git": git_commit(),
-        "hardware": hardware(),
-        "command": sys.argv,
+        **provenance(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "steps": {},
     }
-    (run_dir / "notebooks").mkdir(parents=True, exist_ok=True)
+    layout.notebooks.mkdir(parents=True, exist_ok=True)
     key = ""
     for nb in books:
         step = nb.stem
         nb_params = {k: v for k, v in params.items() if k in declared[nb.name]}
         nb_params["run_dir"] = str(run_dir)
         key = _step_key(nb, nb_params, key)
-        executed = run_dir / "notebooks" / nb.name
+        executed = layout.executed_notebook(nb.name)
         if done.get(step, {}).get("key") == key and executed.exists():
             log(f"[dem run] {step}: unchanged, skipped")
             manifest["steps"][step] = {**done[step], "skipped": True}

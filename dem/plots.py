@@ -1,7 +1,7 @@
 """The tutorial's figures, drawn with seaborn from the tidy tables the other modules return.
 
-Each function returns a matplotlib Figure; :func:`save` writes it under ``run_dir/figures``
-(atomically, so a half-drawn PNG never sits in a run folder).
+Each function returns a matplotlib Figure; :func:`save` writes it to a PNG file (atomically,
+so a half-drawn PNG never sits in a run folder; ``RunLayout.figure(name)`` names the file).
 """
 
 from __future__ import annotations
@@ -18,11 +18,21 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-sns.set_theme(style="whitegrid", context="notebook")
+from dem.io import atomic_file  # noqa: E402
+
+THEME = {"style": "whitegrid", "context": "notebook"}
 
 
-def save(fig: plt.Figure, run_dir: str | Path, name: str):
-    """Save ``fig`` as ``run_dir/figures/<name>.png``; return it as an image a notebook shows.
+def use_theme() -> None:
+    """The seaborn theme of every figure of the tutorial (set on import as well)."""
+    sns.set_theme(**THEME)
+
+
+use_theme()
+
+
+def save(fig: plt.Figure, path: str | Path):
+    """Save ``fig`` as the PNG file ``path``; return it as an image a notebook shows.
 
     Returning the saved PNG (not the live figure) shows the same picture whatever matplotlib
     backend the kernel runs (``agg`` when executed headless), and the figure is closed so a
@@ -30,12 +40,12 @@ def save(fig: plt.Figure, run_dir: str | Path, name: str):
     """
     from IPython.display import Image
 
-    path = Path(run_dir) / "figures" / f"{name}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
+    path = Path(path)
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    finally:
+        plt.close(fig)
     return Image(filename=str(path))
 
 

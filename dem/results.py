@@ -1,13 +1,30 @@
-"""Evaluate model folders and assemble the results table and ``metrics.json`` of a run."""
+"""Evaluate model folders and assemble the results of a run: ``metrics.json``, its table, the
+cost of each method and the paper's claims checked on the run (chapter 06).
+"""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from dem import DemError
+from dem.io import atomic_file
+from dem.layout import RunLayout
+
+# The merging baselines of chapter 04: all start from the K per-source fine-tunes.
+MERGE_BASELINES = ("average", "task_arithmetic", "ties", "dare")
+
+
+def write_table(table: pd.DataFrame, path: str | Path, **to_csv) -> Path:
+    """``table.to_csv(path, **to_csv)``, atomically (a reader never sees half a table)."""
+    path = Path(path)
+    with atomic_file(path) as tmp:
+        table.to_csv(tmp, **to_csv)
+    return path
 
 
 def evaluate_folders(
@@ -84,3 +101,139 @@ def metrics_table(metrics: Mapping) -> pd.DataFrame:
         }
         rows.append(row)
     return pd.DataFrame(rows).set_index("method")
+
+
+@dataclass
+class ChapterResults:
+    """What chapters 02, 04 and 05 measured, read back from the run folder."""
+
+    scores: pd.DataFrame  # every test evaluation: model, source, metric, value
+    ft_costs: pd.DataFrame  # per-source fine-tunes (02), indexed by source
+    dmix_costs: pd.DataFrame  # DMix runs (05), indexed by label; the first is uniform
+    merge_settings: dict  # 04: searched weights, λs, the weight search's cost
+    dmix_best: str  # 05: label of the DMix run chosen on validation
+
+    @classmethod
+    def load(cls, layout: RunLayout) -> ChapterResults:
+        names = ("02_individual_test", "04_merge_test", "05_dmix_test")
+        scores = pd.concat([pd.read_csv(layout.table(n)) for n in names], ignore_index=True)
+        return cls(
+            scores=scores,
+            ft_costs=pd.read_csv(layout.table("02_finetune_costs"), index_col=0),
+            dmix_costs=pd.read_csv(layout.table("05_dmix_costs"), index_col=0),
+            merge_settings=json.loads(layout.table("04_merge_settings").read_text()),
+            dmix_best=layout.table("05_dmix_best").read_text().strip(),
+        )
+
+    @property
+    def accuracy(self) -> pd.DataFrame:
+        """Test accuracy, models × sources."""
+        acc = self.scores[self.scores.metric == "accuracy"]
+        return acc.pivot_table(index="model", columns="source", values="value", sort=False)
+
+    @property
+    def dmix_uniform(self) -> str:
+        return self.dmix_costs.index[0]
+
+    @property
+    def finetunes_cost(self) -> tuple:
+        """(training tokens, wall seconds) of the K per-source fine-tunes together."""
+        return self.ft_costs.train_tokens.sum(), self.ft_costs.wall_s.sum()
+
+    @property
+    def dmix_search_cost(self) -> tuple:
+        """(training tokens, wall seconds) of every run of the DMix ratio search."""
+        return self.dmix_costs.train_tokens.sum(), self.dmix_costs.wall_s.sum()
+
+    def model_of(self, method: str) -> str:
+        """The model (row of :attr:`accuracy`) a method of ``metrics.json`` reports."""
+        return {"dmix_uniform": self.dmix_uniform, "dmix_best": self.dmix_best}.get(method, method)
+
+
+def method_costs(results: ChapterResults, names: Sequence[str]) -> dict[str, tuple]:
+    """(training tokens, wall seconds) per method, beyond the shared base.
+
+    DEM pays the K fine-tunes plus its weight search; the merging baselines the K fine-tunes;
+    the best DMix **all** runs of its ratio search (that is what finding the ratio took); the
+    uniform DMix its one run.
+    """
+    ft, dmix = results.ft_costs, results.dmix_costs
+    dem_tokens, dem_wall = results.finetunes_cost
+    search_tokens, search_wall = results.dmix_search_cost
+    uniform = results.dmix_uniform
+    return {
+        "base": (0, 0),
+        **{f"individual/{n}": (ft.train_tokens[n], ft.wall_s[n]) for n in names},
+        "dem": (dem_tokens, dem_wall + results.merge_settings["search"]["wall_s"]),
+        **{m: (dem_tokens, dem_wall) for m in MERGE_BASELINES},
+        "dmix_uniform": (dmix.train_tokens[uniform], dmix.wall_s[uniform]),
+        "dmix_best": (search_tokens, search_wall),
+    }
+
+
+def build_metrics(results: ChapterResults, names: Sequence[str], composite: str = "") -> dict:
+    """The content of ``metrics.json``: one :func:`method_entry` per method, and the cost ratio."""
+    acc = results.accuracy
+    methods = {}
+    for method, (tokens, wall) in method_costs(results, names).items():
+        row = acc.loc[results.model_of(method)]
+        methods[method] = method_entry(
+            row,
+            names,
+            composite=row.get(composite) if composite else None,
+            train_tokens=tokens,
+            wall_s=wall,
+        )
+    dem_tokens = results.finetunes_cost[0]
+    search_tokens = results.dmix_search_cost[0]
+    return {
+        "sources": list(names),
+        "composite_source": composite or None,
+        "metric": "accuracy",
+        "methods": methods,
+        "dem_weights": results.merge_settings["dem_weights"],
+        "dmix_best_ratio": results.dmix_best,
+        "cost_ratio_dmix_search_over_dem": float(search_tokens / dem_tokens),
+    }
+
+
+def scores_by_method(results: ChapterResults, metrics: Mapping) -> pd.DataFrame:
+    """Test accuracy per method and source, long (method, source, score), for the bar chart."""
+    methods, names = list(metrics["methods"]), metrics["sources"]
+    wide = results.accuracy.loc[[results.model_of(m) for m in methods], names].copy()
+    wide.index = methods
+    return wide.reset_index(names="method").melt(
+        id_vars="method", var_name="source", value_name="score"
+    )
+
+
+def claims(metrics: Mapping) -> pd.DataFrame:
+    """The goals of a faithful reproduction, each computed from ``metrics.json`` as it is."""
+    methods, names = metrics["methods"], metrics["sources"]
+    dem_row, best_row = methods["dem"], methods["dmix_best"]
+    dem_tokens, search_tokens = dem_row["cost"]["train_tokens"], best_row["cost"]["train_tokens"]
+    rows = [
+        {
+            "claim": "DEM average ≥ best DMix average",
+            "dem": dem_row["average"],
+            "reference": best_row["average"],
+            "holds": dem_row["average"] >= best_row["average"],
+        },
+        {
+            "claim": "DEM training cost ≤ 1/3 of the DMix ratio search",
+            "dem": dem_tokens,
+            "reference": search_tokens / 3,
+            "holds": dem_tokens <= search_tokens / 3,
+        },
+    ]
+    for n in names:
+        own = methods[f"individual/{n}"]["test"][n]
+        rows.append(
+            {
+                "claim": f"DEM within 5 points of individual/{n} on {n}",
+                "dem": dem_row["test"][n],
+                "reference": own - 0.05,
+                "holds": dem_row["test"][n] >= own - 0.05,
+            }
+        )
+    return pd.DataFrame(rows)

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from dem import DemError, cache_dir
+from dem.io import write_text
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -115,10 +116,7 @@ def file_sha256(path: Path, cancel: threading.Event | None = None) -> str:
                     _madvise(mm, mmap.MADV_DONTNEED, lo, n)
     digest = sha.hexdigest()
     with contextlib.suppress(OSError):  # a cache that cannot be written only costs time
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
-        tmp.write_text(digest + "\n")
-        tmp.rename(cache)
+        write_text(cache, digest + "\n")
     return digest
 
 

@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 
 from dem import DemError
+from dem.methods import METHODS, check_weights, get_method, resolve_params, tensor_generator
 
 STRATEGIES = ("grid", "random", "coordinate")
 # Lower is better for losses; higher for scores. The objective is the mean over sources.
@@ -64,28 +65,35 @@ class InMemoryMerge:
 
     @torch.no_grad()
     def apply(self, w: Mapping[str, float] | Sequence[float]) -> None:
-        """Set the model to ``theta_base + sum_i w_i * v_i`` (arithmetic in float32)."""
+        """Set the model to DEM's ``theta_base + sum_i w_i * v_i`` (arithmetic in float32).
+
+        Accumulated onto θ0 (θ0 + w_1·v_1 + …), skipping the zero weights most grid candidates
+        have; :meth:`apply_method` adds θ0 last, as :func:`dem.merge.merge` does, so the two
+        can differ in the last bit.
+        """
         weights = self._weights(w)
+        used = [s for s, w_i in weights.items() if w_i != 0.0]
+        dem = METHODS["dem"]
         for n, p in self.params.items():
-            acc = self.theta_base[n].clone()
-            for source, w_i in weights.items():
-                if w_i != 0.0:
-                    acc.add_(self.vectors[source][n], alpha=w_i)
-            p.copy_(acc)
+            vectors = [self.vectors[s][n] for s in used]
+            p.copy_(dem.merge(self.theta_base[n], vectors, [weights[s] for s in used], {},
+                              onto_base=True))  # fmt: skip
 
     @torch.no_grad()
-    def apply_method(self, method: str, w: Mapping[str, float] | Sequence[float], **options):
-        """Set the model to the merge of any method of :mod:`dem.merge` (TIES, DARE, ...)."""
-        from dem import merge
-
-        if method not in merge.METHODS:
-            raise DemError(f"unknown merge method {method!r}; known: {', '.join(merge.METHODS)}")
-        weights = list(self._weights(w).values())
-        fn = merge.METHODS[method]
+    def apply_method(self, method: str, w: Mapping[str, float] | Sequence[float], **params):
+        """Set the model to the merge of any method of :mod:`dem.methods` (TIES, DARE, ...), with
+        the parameters, checks and per-tensor DARE seeds of the streaming :func:`dem.merge.merge`."""
+        m = get_method(method)
+        weights = check_weights(list(self._weights(w).values()))
+        params = resolve_params(m, params)
         for n, p in self.params.items():
             base = self.theta_base[n]
-            thetas = [base + self.vectors[s][n] for s in self.sources]
-            p.copy_(fn(base, thetas, weights, name=n, **options))
+            vectors = [self.vectors[s][n] for s in self.sources]
+            if m.on_models:
+                vectors = [base + v for v in vectors]
+            elif m.overwrites:  # the stored vectors serve every later candidate
+                vectors = [v.clone() for v in vectors]
+            p.copy_(m.merge(base, vectors, weights, params, tensor_generator(m, params, n)))
 
     def restore_base(self) -> None:
         self.apply([0.0] * len(self.sources))

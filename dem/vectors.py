@@ -9,14 +9,16 @@ accepts a fine-tuned model, and uses v directly.
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
-from dem import DemError, __version__
-
-VECTOR_MARKER = "dem_vector.json"
+from dem import DemError
+from dem.io import atomic_output_dir, write_json
+from dem.merge_io import VECTOR_MARKER, open_input, parse_size
+from dem.provenance import provenance
+from dem.safetensors_io import DTYPE_NAMES, ShardedWriter, WeightFolder
 
 
 def extract_vector(
@@ -34,15 +36,9 @@ def extract_vector(
     Streams tensor by tensor like :func:`dem.merge.merge`; integer/bool buffers are skipped
     (a merge takes them from its base).
     """
-    from tqdm import tqdm
-
-    from dem.io import atomic_output_dir
-    from dem.merge import _open_input, _parse_size
-    from dem.safetensors_io import DTYPE_NAMES, ShardedWriter, WeightFolder
-
     base, model, out = Path(base), Path(model), Path(out)
     base_weights = WeightFolder(base, role="base")
-    source = _open_input(base_weights, model, 1.0)
+    source = open_input(base_weights, model, 1.0)
     if source.is_vector:
         raise DemError(f"model {model} is already a vector folder")
     base_weights.start_hashing()
@@ -56,7 +52,7 @@ def extract_vector(
     }
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         writer = ShardedWriter(
-            tmp, specs, prefix="vector", metadata=meta, max_shard_bytes=_parse_size(max_shard_size)
+            tmp, specs, prefix="vector", metadata=meta, max_shard_bytes=parse_size(max_shard_size)
         )
         for name in tqdm(
             names, desc="dem vectors extract", unit="tensor", disable=not progress, leave=False
@@ -77,10 +73,9 @@ def extract_vector(
             "base_sha256": base_weights.sha256(),
             "source_sha256": source.weights.sha256(),
             "dtype": str(dtype).removeprefix("torch."),
-            "dem_version": __version__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **provenance(),
         }
-        (tmp / VECTOR_MARKER).write_text(json.dumps(record, indent=2) + "\n")
+        write_json(tmp / VECTOR_MARKER, record)
         base_weights.close()
         source.weights.close()
     return out
@@ -88,8 +83,6 @@ def extract_vector(
 
 def load_vector(path: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of a vector folder, in memory (for analysis; merging streams instead)."""
-    from dem.safetensors_io import WeightFolder
-
     path = Path(path)
     if not (path / VECTOR_MARKER).is_file():
         raise DemError(f"{path} is not a vector folder (no {VECTOR_MARKER})")

@@ -23,3 +23,23 @@ def dem_run(params, out):
     cmd = [sys.executable, "-m", "dem", "run", "--params", str(params), "--out", str(out)]
     env = {**os.environ, "MPLBACKEND": "agg"}
     return subprocess.run(cmd, capture_output=True, text=True, env=env)
+
+
+# Fixtures several test modules share (one copy, not one per module).
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The character-level tiny tokenizer."""
+    from _helpers_data import tokenizer
+
+    return tokenizer()
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny base model folder for training tests (built once per module)."""
+    from _helpers_train import make_base
+
+    return make_base(tmp_path_factory.mktemp("base") / "base")

@@ -142,6 +142,11 @@ def test_bad_base_no_models_and_existing_output(zoo, tmp_path, capsys):
           "--density", "does not apply", "'dem'")  # fmt: skip
     _fail(capsys, _args(zoo, out, f"{zoo['m1']}=1", extra=["--method", "ties", "--density", "0"]),
           "--density 0.0 must be in (0, 1]")  # fmt: skip
+    # the library names parameters; the command line speaks of its flags
+    _fail(capsys, _args(zoo, out, f"{zoo['m1']}=1", extra=["--method", "dare_linear", "--drop-prob", "1"]),
+          "--drop-prob 1.0 must be in [0, 1)")  # fmt: skip
+    _fail(capsys, _args(zoo, out, f"{zoo['m1']}=1", extra=["--lambda", "2"]),
+          "--lambda does not apply to method 'dem'")  # fmt: skip
     _no_output(out)
     out.mkdir()
     (out / "keep.txt").write_text("precious")
@@ -263,3 +268,7 @@ def test_help_documents_every_option(capsys):
                    "--lambda", "--seed", "--overwrite", "--config", "--compute-dtype",
                    "--max-shard-size", "--no-progress", "dare_ties"):  # fmt: skip
         assert option in text, option
+    from dem.methods import METHODS
+
+    for method in METHODS.values():  # choices and formulas come from the method records
+        assert method.name in text and method.formula in text, method.name

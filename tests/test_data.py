@@ -6,7 +6,6 @@ import warnings
 
 import pytest
 import torch
-from _helpers_data import tokenizer as make_tokenizer
 
 from dem import DemError
 from dem.data import (
@@ -19,14 +18,10 @@ from dem.data import (
     format_prompt,
     length_stats,
     make_batches,
+    pad_batch,
     padding_fraction,
 )
 from dem.sources import Example, get_source
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return make_tokenizer()
 
 
 def test_tiny_tokenizer_vocab_is_fixed(tok):
@@ -128,3 +123,15 @@ def test_padding_fraction_hand_made():
     batch = {"attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])}
     assert padding_fraction([batch]) == pytest.approx(0.25)
     assert padding_fraction([]) == 0.0
+
+
+def test_pad_batch_hand_made_keeps_row_order():
+    rows = [
+        {"input_ids": [1, 5, 6], "labels": [-100, 5, 6]},
+        {"input_ids": [1, 7], "labels": [-100, 7]},
+    ]
+    batch = pad_batch(rows, pad_id=0)
+    assert batch["input_ids"].tolist() == [[1, 5, 6], [1, 7, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert batch["labels"].tolist() == [[-100, 5, 6], [-100, 7, IGNORE_INDEX]]
+    assert all(t.dtype == torch.long for t in batch.values())

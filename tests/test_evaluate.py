@@ -8,10 +8,9 @@ import json
 import pytest
 import torch
 from _helpers_data import BigramStub, tiny_model
-from _helpers_data import tokenizer as make_tokenizer
 
 from dem import DemError
-from dem.data import encode_examples, encode_prompts, format_prompt
+from dem.data import IGNORE_INDEX, encode_examples, encode_prompts, format_prompt, pad_batch
 from dem.evaluate import (
     accuracy,
     choice_predictions,
@@ -19,13 +18,9 @@ from dem.evaluate import (
     generate_answers,
     greedy_generate,
     response_loss,
+    response_nll,
 )
 from dem.sources import Example, Source, get_source
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return make_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +51,28 @@ def test_response_loss_matches_unbatched_reference(tok, model):
     for batch_size in (1, 2, 64):  # padding must not change the value
         got = response_loss(model, tok, EXAMPLES, batch_size=batch_size)
         assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_response_nll_both_ways_match_the_float64_reference(tok, model):
+    """The one response loss: per token (evaluation) and summed (training's validation)."""
+    encoded = encode_examples(tok, EXAMPLES, 256)
+    batch = pad_batch(encoded, tok.pad_token_id)
+    with torch.no_grad():
+        logp = torch.log_softmax(
+            model(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits.double(), -1
+        )
+        per_token, scored = response_nll(model, batch)
+        summed, scored_all = response_nll(model, batch, reduction="sum", skip_prompt=False)
+    target = batch["labels"][:, 1:]
+    keep = target != IGNORE_INDEX
+    reference = -logp[:, :-1].gather(-1, target.clamp(min=0)[..., None])[..., 0] * keep
+    # skip_prompt drops the leading columns where no row has a response token yet.
+    skipped = reference.shape[1] - per_token.shape[1]
+    assert skipped > 0 and not keep[:, :skipped].any()
+    assert torch.allclose(per_token.double(), reference[:, skipped:], atol=1e-5)
+    assert torch.equal(scored, keep[:, skipped:]) and int(scored_all.sum()) == int(keep.sum())
+    assert float(summed) == pytest.approx(float(reference.sum()), rel=1e-5)
+    assert float(per_token[~scored].abs().sum()) == 0.0
 
 
 def test_greedy_generate_matches_transformers_generate(tok, model):

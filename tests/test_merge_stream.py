@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from dem import DemError
 from dem import merge as M
+from dem.methods import METHODS, tensor_seed
 from dem.vectors import extract_vector, load_vector, vector_info
 
 torch.set_num_threads(1)
@@ -50,7 +51,7 @@ def _reference(method: str, base: dict, models: list[dict], w, seed=0, **p) -> d
         thetas = [m[name] for m in models]
         vs = [t - b for t in thetas]
         if method.startswith("dare"):
-            g = torch.Generator().manual_seed(M.tensor_seed(seed, name))
+            g = torch.Generator().manual_seed(tensor_seed(seed, name))
             u = [torch.rand(b.shape, generator=g).double().numpy() for _ in vs]
             p_ = p["drop_prob"]
             vs = [v * (ui >= p_) / (1 - p_) for v, ui in zip(vs, u, strict=True)]
@@ -118,7 +119,8 @@ def test_output_loads_and_is_sharded_with_copied_files(zoo, tmp_path):
     for entry in [record["base"], *record["models"]]:
         for file, digest in entry["sha256"].items():
             assert hashlib.sha256((Path(entry["path"]) / file).read_bytes()).hexdigest() == digest
-    assert record["dem_version"] and record["compute_dtype"] == "float32"
+    assert record["versions"]["dem"] and record["compute_dtype"] == "float32"
+    assert {"git", "hardware", "command", "time"} <= set(record)  # the shared provenance
 
 
 def test_tied_embeddings(zoo, tmp_path):
@@ -157,7 +159,8 @@ def test_bf16_base_keeps_dtype_computes_in_fp32(zoo, tmp_path):
     got = load_file(out / "model.safetensors")
     for name, b in base.items():
         # exactly the fp32 arithmetic of the pure function, cast once at the end ...
-        fp32 = M.dem(b.float(), [m1[name].float(), m2[name].float()], W).to(torch.bfloat16)
+        fp32 = METHODS["dem"](b.float(), [m1[name].float(), m2[name].float()], W)
+        fp32 = fp32.to(torch.bfloat16)
         assert torch.equal(got[name], fp32), name
         # ... which is within one bf16 rounding of the float64 reference (bf16 arithmetic is not)
         ref = _reference("dem", {name: b.double().numpy()},
@@ -300,3 +303,24 @@ def test_hash_cache_follows_file_changes(zoo, tmp_path):
     out = M.merge(zoo["base"], [(d, 0.5)], tmp_path / "c", progress=False)
     digest = hashlib.sha256((d / "model.safetensors").read_bytes()).hexdigest()
     assert sha() == {"model.safetensors": digest} != first
+
+
+def test_streamed_and_in_memory_merges_are_the_same_computation(zoo, tmp_path):
+    """From the same vectors, dem merge and the in-memory search give identical bits."""
+    from transformers import LlamaForCausalLM
+
+    from dem.search import InMemoryMerge
+
+    folders = [
+        extract_vector(zoo["base"], zoo[k], tmp_path / k, progress=False) for k in ("m1", "m2")
+    ]
+    model = LlamaForCausalLM.from_pretrained(zoo["base"], dtype=torch.float32)
+    merger = InMemoryMerge(model, {f.name: load_vector(f) for f in folders})
+    for method, params in CASES:
+        params = {**params, "seed": 3}
+        merger.apply_method(method, W, **params)
+        out = M.merge(zoo["base"], list(zip(folders, W, strict=True)), tmp_path / method,
+                      method=method, progress=False, **params)  # fmt: skip
+        streamed = load_file(out / "model.safetensors")
+        for name, tensor in model.state_dict().items():
+            assert torch.equal(tensor, streamed[name]), (method, name)

@@ -3,6 +3,7 @@ executed headless by papermill on the smoke parameters (the way CI and `dem run`
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import subprocess
@@ -31,6 +32,23 @@ def test_committed_notebook_is_clean_with_one_parameters_cell(path):
     assert nb.cells[0].source.startswith("# "), "a notebook opens with its H1 title"
     headings = [c.source for c in nb.cells if c.cell_type == "markdown"]
     assert any("## Summary" in h for h in headings) and any("## Exercises" in h for h in headings)
+
+
+@pytest.mark.parametrize("path", BOOKS, ids=lambda p: p.stem)
+def test_notebook_is_thin_no_definitions_and_short_code_cells(path):
+    # Logic lives in dem/, with tests; a chapter imports, calls, shows and explains.
+    nb = nbformat.read(path, as_version=4)
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type != "code" or "parameters" in cell.metadata.get("tags", []):
+            continue
+        defined = [
+            type(node).__name__
+            for node in ast.walk(ast.parse(cell.source))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda))
+        ]
+        assert not defined, f"{path.name} cell {i} defines {defined}: move it into dem/"
+        lines = len(cell.source.strip().splitlines())
+        assert lines <= 12, f"{path.name} cell {i} has {lines} lines (at most 12)"
 
 
 @pytest.mark.parametrize("path", BOOKS, ids=lambda p: p.stem)

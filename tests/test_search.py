@@ -118,3 +118,19 @@ def test_maximize_and_random_are_seeded():
 def test_bad_strategy_is_a_clear_error():
     with pytest.raises(DemError, match="unknown search strategy 'bayes'"):
         search_weights(lambda w: {"objective": 0.0}, ["a"], "bayes")
+
+
+def test_apply_method_leaves_the_stored_vectors_alone():
+    base, a, b = (_tiny_llama(s) for s in (0, 1, 2))
+    merger = InMemoryMerge(base, {"a": _vector(base, a), "b": _vector(base, b)})
+    stored = {s: {n: v.clone() for n, v in vec.items()} for s, vec in merger.vectors.items()}
+    merger.apply_method("dare_linear", [0.5, 0.5], drop_prob=0.5, seed=1)  # DARE drops in place
+    first = {n: p.detach().clone() for n, p in base.named_parameters()}
+    merger.apply_method("dare_linear", [0.5, 0.5], drop_prob=0.5, seed=1)
+    assert all(torch.equal(p, first[n]) for n, p in base.named_parameters())
+    for s, vec in merger.vectors.items():
+        assert all(torch.equal(v, stored[s][n]) for n, v in vec.items())
+    with pytest.raises(DemError, match="unknown merge method 'slerp'"):
+        merger.apply_method("slerp", [0.5, 0.5])
+    with pytest.raises(DemError, match="density 2.0 must be in"):
+        merger.apply_method("ties", [0.5, 0.5], density=2.0)

@@ -10,24 +10,23 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from _helpers_train import FAST, SOURCE_KWARGS, Interrupt, make_base, same_weights, weights
+from _helpers_train import FAST, SOURCE_KWARGS, Interrupt, same_weights, weights
 
 from dem import DemError
-from dem import train as dem_train
+from dem.sources.pretraining import pretraining_text
+from dem.training.finetune import finetune, use_gradient_checkpointing
+from dem.training.pretrain import pretrain
+from dem.training.schedule import build_schedule, parse_mixture, sample_sources
+from dem.training.settings import FinetuneSettings, PretrainSettings
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    return make_base(tmp_path_factory.mktemp("base") / "base")
 
 
 @pytest.fixture(scope="module")
 def reference(base, tmp_path_factory) -> tuple[Path, dict]:
     """One uninterrupted run that several tests compare against."""
     out = tmp_path_factory.mktemp("ref") / "run"
-    cost = dem_train.finetune(base, out, mixture={"arithmetic": 1.0}, **FAST)
+    cost = finetune(base, out, mixture={"arithmetic": 1.0}, **FAST)
     return out, cost
 
 
@@ -39,6 +38,14 @@ def test_finished_run_is_a_model_folder_with_records(reference):
     record = json.loads((out / "dem_train.json").read_text())
     assert record["status"] == "finished" and record["parameters"]["steps"] == FAST["steps"]
     assert {"torch", "transformers", "accelerate"} <= set(record["versions"])
+    # The shared provenance record: git commit and dirty flag, hardware, command, UTC time.
+    assert (
+        set(record["git"]) == {"commit", "dirty"}
+        and record["git_commit"] == record["git"]["commit"]
+    )
+    assert (
+        record["hardware"]["cpu_count"] >= 1 and record["command"] and record["time"].endswith("Z")
+    )
     assert not (out / "checkpoint").exists() and not out.with_name("run.partial").exists()
 
 
@@ -59,10 +66,10 @@ def test_a_few_steps_lower_the_validation_loss(base, reference):
 
 def test_same_seed_gives_identical_weights_and_another_seed_does_not(base, reference, tmp_path):
     again = tmp_path / "again"
-    dem_train.finetune(base, again, mixture={"arithmetic": 1.0}, **FAST)
+    finetune(base, again, mixture={"arithmetic": 1.0}, **FAST)
     assert same_weights(reference[0], again)
     other = tmp_path / "other"
-    dem_train.finetune(base, other, mixture={"arithmetic": 1.0}, **{**FAST, "seed": 1})
+    finetune(base, other, mixture={"arithmetic": 1.0}, **{**FAST, "seed": 1})
     assert not same_weights(reference[0], other)
 
 
@@ -75,13 +82,13 @@ def test_interrupted_run_resumes_to_the_same_weights(base, reference, tmp_path, 
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        dem_train.finetune(base, out, mixture={"arithmetic": 1.0}, callback=crash, **FAST)
+        finetune(base, out, mixture={"arithmetic": 1.0}, callback=crash, **FAST)
     partial = tmp_path / "run.partial"
     assert not out.exists() and (partial / "checkpoint" / "state.json").is_file()
     state = json.loads((partial / "checkpoint" / "state.json").read_text())
     assert state["step"] == stop_at // FAST["eval_every"] * FAST["eval_every"]
 
-    cost = dem_train.finetune(base, out, mixture={"arithmetic": 1.0}, **FAST)
+    cost = finetune(base, out, mixture={"arithmetic": 1.0}, **FAST)
     assert same_weights(reference[0], out)
     ref_log = pd.read_csv(reference[0] / "train_log.csv")
     log = pd.read_csv(out / "train_log.csv")
@@ -93,24 +100,22 @@ def test_interrupted_run_resumes_to_the_same_weights(base, reference, tmp_path, 
 def test_mixture_sampler_follows_the_ratios():
     ratios = {"a": 0.6, "b": 0.3, "c": 0.1, "unused": 0.0}
     n = 20_000
-    counts = Counter(dem_train.sample_sources(ratios, n, seed=0))
+    counts = Counter(sample_sources(ratios, n, seed=0))
     assert set(counts) == {"a", "b", "c"}
     for name in ("a", "b", "c"):
         p = ratios[name]
         # 5 standard deviations: a correct sampler fails with probability ~1e-6, while a wrong
         # one (uniform, or ratios off by 2 points) fails for sure.
         assert abs(counts[name] - n * p) < 5 * math.sqrt(n * p * (1 - p)), (name, counts)
-    assert dem_train.sample_sources(ratios, 50, seed=0) == dem_train.sample_sources(
+    assert sample_sources(ratios, 50, seed=0) == sample_sources(
         {"c": 1, "a": 6, "b": 3}, 50, seed=0
     )  # scale and dict order do not matter
-    assert dem_train.sample_sources(ratios, 50, seed=0) != dem_train.sample_sources(
-        ratios, 50, seed=1
-    )
+    assert sample_sources(ratios, 50, seed=0) != sample_sources(ratios, 50, seed=1)
 
 
 def test_schedule_mixes_by_ratio_covers_each_source_evenly_and_buckets_lengths():
     lengths = {"short": [5 + i % 3 for i in range(40)], "long": [30 + i % 7 for i in range(25)]}
-    schedule = dem_train.build_schedule(
+    schedule = build_schedule(
         lengths, {"short": 3, "long": 1}, n_batches=200, batch_size=16, seed=0
     )
     assert len(schedule) == 200 and all(len(b) == 16 for b in schedule)
@@ -124,9 +129,7 @@ def test_schedule_mixes_by_ratio_covers_each_source_evenly_and_buckets_lengths()
     widths = [max(lengths[s][i] for s, i in b) for b in schedule]
     real = sum(lengths[s][i] for s, i in picks)
     assert 1 - real / sum(w * 16 for w in widths) < 0.10  # padding fraction
-    again = dem_train.build_schedule(
-        lengths, {"short": 3, "long": 1}, n_batches=200, batch_size=16, seed=0
-    )
+    again = build_schedule(lengths, {"short": 3, "long": 1}, n_batches=200, batch_size=16, seed=0)
     assert again == schedule
 
 
@@ -149,7 +152,7 @@ def test_cost_records_add_up(reference):
     examples = get_source("arithmetic", **SOURCE_KWARGS).examples("train")
     encoded = encode_examples(build_tiny_tokenizer(), examples, FAST["max_length"])
     lengths = {"arithmetic": [len(e["input_ids"]) for e in encoded]}
-    schedule = dem_train.build_schedule(
+    schedule = build_schedule(
         lengths,
         {"arithmetic": 1.0},
         n_batches=FAST["steps"],
@@ -160,7 +163,7 @@ def test_cost_records_add_up(reference):
 
 
 def test_mixture_run_logs_per_source_validation(base, tmp_path):
-    cost = dem_train.finetune(
+    cost = finetune(
         base,
         tmp_path / "mix",
         mixture={"arithmetic": 0.5, "word_edit": 0.5},
@@ -173,10 +176,8 @@ def test_mixture_run_logs_per_source_validation(base, tmp_path):
 
 def test_grad_accumulation_splits_the_same_batch(base, tmp_path):
     """2 micro-batches of 4 per step see the same tokens as batches of 8 (different grouping)."""
-    a = dem_train.finetune(
-        base, tmp_path / "a", mixture={"arithmetic": 1.0}, **{**FAST, "steps": 4}
-    )
-    b = dem_train.finetune(
+    a = finetune(base, tmp_path / "a", mixture={"arithmetic": 1.0}, **{**FAST, "steps": 4})
+    b = finetune(
         base,
         tmp_path / "b",
         mixture={"arithmetic": 1.0},
@@ -192,7 +193,7 @@ def test_grad_accumulation_splits_the_same_batch(base, tmp_path):
 
 def test_unknown_source_names_the_known_ones(base, tmp_path):
     with pytest.raises(DemError, match="unknown source 'nope'.*arithmetic"):
-        dem_train.finetune(base, tmp_path / "x", mixture={"nope": 1.0}, **FAST)
+        finetune(base, tmp_path / "x", mixture={"nope": 1.0}, **FAST)
 
 
 @pytest.mark.parametrize(
@@ -206,51 +207,49 @@ def test_unknown_source_names_the_known_ones(base, tmp_path):
 )
 def test_bad_mixture_ratios(base, tmp_path, mixture, message):
     with pytest.raises(DemError, match=message):
-        dem_train.finetune(base, tmp_path / "x", mixture=mixture, **FAST)
+        finetune(base, tmp_path / "x", mixture=mixture, **FAST)
     assert not (tmp_path / "x.partial").exists()
 
 
 def test_parse_mixture():
-    assert dem_train.parse_mixture("a=0.5, b=0.25") == {"a": 0.5, "b": 0.25}
+    assert parse_mixture("a=0.5, b=0.25") == {"a": 0.5, "b": 0.25}
     for bad, message in (("a", "NAME=RATIO"), ("a=x", "not a number"), (" , ", "names no")):
         with pytest.raises(DemError, match=message):
-            dem_train.parse_mixture(bad)
+            parse_mixture(bad)
 
 
 def test_existing_output_folder(base, reference, tmp_path):
     out, cost = reference
     stamp = (out / "model.safetensors").stat().st_mtime_ns
     # Same run, finished: the cached record comes back and nothing is retrained.
-    assert dem_train.finetune(base, out, mixture={"arithmetic": 1.0}, **FAST) == cost
+    assert finetune(base, out, mixture={"arithmetic": 1.0}, **FAST) == cost
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp
     with pytest.raises(DemError, match=r"holds a different run \(parameters differ: lr\)"):
-        dem_train.finetune(base, out, mixture={"arithmetic": 1.0}, **{**FAST, "lr": 1e-4})
+        finetune(base, out, mixture={"arithmetic": 1.0}, **{**FAST, "lr": 1e-4})
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
     with pytest.raises(DemError, match="exists and is not a dem training run"):
-        dem_train.finetune(base, foreign, mixture={"arithmetic": 1.0}, **FAST)
+        finetune(base, foreign, mixture={"arithmetic": 1.0}, **FAST)
     fast = {**FAST, "steps": 2, "eval_every": 1}
-    dem_train.finetune(base, foreign, mixture={"arithmetic": 1.0}, overwrite=True, **fast)
+    finetune(base, foreign, mixture={"arithmetic": 1.0}, overwrite=True, **fast)
     assert not (foreign / "notes.txt").exists() and (foreign / "cost.json").is_file()
 
 
 def test_replace_redoes_a_changed_run_and_reuses_a_same_one(base, tmp_path):
     out = tmp_path / "r"
     fast = {**FAST, "steps": 2, "eval_every": 1}
-    first = dem_train.finetune(base, out, mixture={"arithmetic": 1.0}, **fast)
+    first = finetune(base, out, mixture={"arithmetic": 1.0}, **fast)
     stamp = (out / "model.safetensors").stat().st_mtime_ns
-    assert dem_train.finetune(base, out, mixture={"arithmetic": 1.0}, replace=True, **fast) == first
+    assert finetune(base, out, mixture={"arithmetic": 1.0}, replace=True, **fast) == first
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp
-    changed = dem_train.finetune(
-        base, out, mixture={"arithmetic": 1.0}, replace=True, **{**fast, "steps": 3}
-    )
+    changed = finetune(base, out, mixture={"arithmetic": 1.0}, replace=True, **{**fast, "steps": 3})
     assert changed["steps"] == 3 and json.loads((out / "cost.json").read_text())["steps"] == 3
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
     with pytest.raises(DemError, match="not a dem training run"):
-        dem_train.finetune(base, foreign, mixture={"arithmetic": 1.0}, replace=True, **fast)
+        finetune(base, foreign, mixture={"arithmetic": 1.0}, replace=True, **fast)
     assert (foreign / "notes.txt").read_text() == "mine"
 
 
@@ -259,11 +258,9 @@ def test_unfinished_run_with_other_parameters_is_refused(base, tmp_path):
         raise Interrupt
 
     with pytest.raises(Interrupt):
-        dem_train.finetune(
-            base, tmp_path / "r", mixture={"arithmetic": 1.0}, callback=crash, **FAST
-        )
+        finetune(base, tmp_path / "r", mixture={"arithmetic": 1.0}, callback=crash, **FAST)
     with pytest.raises(DemError, match="unfinished run .* different parameters \\(seed\\)"):
-        dem_train.finetune(base, tmp_path / "r", mixture={"arithmetic": 1.0}, **{**FAST, "seed": 3})
+        finetune(base, tmp_path / "r", mixture={"arithmetic": 1.0}, **{**FAST, "seed": 3})
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(
@@ -285,9 +282,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(
 
     monkeypatch.setattr(dem_models, "load_model", capture)
     with pytest.raises(DemError, match=r"loss became nan at step 6 .*checkpoint \(step 4\)"):
-        dem_train.finetune(
-            base, tmp_path / "n", mixture={"arithmetic": 1.0}, callback=poison, **FAST
-        )
+        finetune(base, tmp_path / "n", mixture={"arithmetic": 1.0}, callback=poison, **FAST)
     checkpoint = tmp_path / "n.partial" / "checkpoint"
     assert all(torch.isfinite(t).all() for t in weights(checkpoint).values())
     assert json.loads((checkpoint / "state.json").read_text())["step"] == 4
@@ -301,27 +296,25 @@ def test_bad_numbers(base, tmp_path):
         ({"max_length": 500}, "max_length=500 exceeds the model's max_position_embeddings=64"),
     ):
         with pytest.raises(DemError, match=message):
-            dem_train.finetune(
-                base, tmp_path / "b", mixture={"arithmetic": 1.0}, **{**FAST, **kwargs}
-            )
+            finetune(base, tmp_path / "b", mixture={"arithmetic": 1.0}, **{**FAST, **kwargs})
 
 
 def test_pretrain_is_cached_by_its_parameters(tmp_path):
     kwargs = dict(
         steps=3, batch_size=4, seq_len=32, hidden_size=32, num_layers=1, num_heads=2, progress=False
     )
-    out = dem_train.pretrain(tmp_path / "base", eval_every=2, **kwargs)
+    out = pretrain(tmp_path / "base", eval_every=2, **kwargs)
     cost = json.loads((out / "cost.json").read_text())
     assert cost["train_tokens"] == 3 * 4 * 32  # packed: no padding at all
     stamp = (out / "model.safetensors").stat().st_mtime_ns
-    assert dem_train.pretrain(tmp_path / "base", eval_every=2, **kwargs) == out
+    assert pretrain(tmp_path / "base", eval_every=2, **kwargs) == out
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp
     with pytest.raises(DemError, match="parameters differ: eval_every"):
-        dem_train.pretrain(tmp_path / "base", eval_every=3, **kwargs)
+        pretrain(tmp_path / "base", eval_every=3, **kwargs)
 
 
 def test_pretraining_text_avoids_the_task_formats():
-    text = " ".join(dem_train.pretraining_text(20_000, seed=0))
+    text = " ".join(pretraining_text(20_000, seed=0))
     from dem.data import PROMPT_SEPARATOR
 
     for marker in ("=", "+", "####", "[", "?", PROMPT_SEPARATOR.strip()):
@@ -331,10 +324,79 @@ def test_pretraining_text_avoids_the_task_formats():
 
 def test_gradient_checkpointing_gives_the_same_weights(base, reference, tmp_path):
     out, _ = reference
-    assert dem_train.use_gradient_checkpointing(None, torch.device("cpu")) is False
-    assert dem_train.use_gradient_checkpointing(True, torch.device("cpu")) is True
+    assert use_gradient_checkpointing(None, torch.device("cpu")) is False
+    assert use_gradient_checkpointing(True, torch.device("cpu")) is True
     checkpointed = tmp_path / "gc"
-    dem_train.finetune(
-        base, checkpointed, mixture={"arithmetic": 1.0}, gradient_checkpointing=True, **FAST
-    )
+    finetune(base, checkpointed, mixture={"arithmetic": 1.0}, gradient_checkpointing=True, **FAST)
     assert same_weights(out, checkpointed)
+
+
+# --- settings, listed once -------------------------------------------------------------------
+
+
+def test_default_settings_record_the_parameters_runs_have_always_recorded():
+    # Written out by hand: a resumed or cached run compares exactly these (plus base, mixture,
+    # sources and processes), so the defaults must not drift.
+    assert FinetuneSettings().parameters() == {
+        "steps": 1000,
+        "batch_size": 16,
+        "lr": 1e-3,
+        "warmup_steps": 30,
+        "seed": 0,
+        "grad_accum": 1,
+        "eval_every": 100,
+        "max_length": 128,
+        "weight_decay": 0.0,
+        "max_grad_norm": 1.0,
+        "save_every": 100,
+    }
+    lora = FinetuneSettings(lora_r=4, save_every=10).parameters()
+    assert lora["save_every"] == 10
+    assert {k: v for k, v in lora.items() if k.startswith("lora_")} == {
+        "lora_r": 4,
+        "lora_alpha": 8.0,
+        "lora_dropout": 0.0,
+        "lora_target": "all-linear",
+    }
+    assert PretrainSettings(hidden_size=64).parameters(corpus_version=4) == {
+        "corpus_version": 4,
+        "steps": 600,
+        "batch_size": 16,
+        "seq_len": 128,
+        "lr": 1e-3,
+        "warmup_steps": 30,
+        "seed": 0,
+        "hidden_size": 64,
+        "num_layers": 4,
+        "num_heads": 4,
+        "intermediate_size": 128,
+        "max_position_embeddings": 256,
+        "eval_every": 100,
+    }
+
+
+def test_settings_from_a_notebooks_parameters():
+    params = {"finetune_steps": 400, "learning_rate": 2e-5, "batch_size": 32, "lora_r": 0}
+    params |= {"pretrain_steps": 50, "seed": 3, "sources": ["arithmetic"], "n_train": 10}
+    ft = FinetuneSettings.from_params(params)
+    assert (ft.steps, ft.lr, ft.batch_size, ft.seed) == (400, 2e-5, 32, 3)
+    assert FinetuneSettings.from_params(params, steps=600).steps == 600  # a per-source budget
+    # Pretraining shares no knob with fine-tuning but the seed: its batch and lr stay its own.
+    pre = PretrainSettings.from_params(params)
+    assert (pre.steps, pre.seed, pre.batch_size, pre.lr) == (50, 3, 16, 1e-3)
+    with pytest.raises(
+        DemError, match=r"lr=0.001 and learning_rate=2e-05 disagree \(both set lr\)"
+    ):
+        FinetuneSettings.from_params({"lr": 1e-3, "learning_rate": 2e-5})
+
+
+def test_unknown_or_bad_settings_name_the_parameter(base, tmp_path):
+    with pytest.raises(DemError, match="unknown FinetuneSettings parameter.* learning_rate"):
+        finetune(base, tmp_path / "x", mixture={"arithmetic": 1.0}, learning_rate=1e-3)
+    assert not (tmp_path / "x.partial").exists()
+    with pytest.raises(DemError, match="save_every must be a positive integer, got -1"):
+        FinetuneSettings(save_every=-1)
+    with pytest.raises(DemError, match="seq_len=64 exceeds max_position_embeddings=32"):
+        PretrainSettings(seq_len=64, max_position_embeddings=32)
+    settings = FinetuneSettings(steps=7)
+    assert settings.updated(lr=2e-3) == FinetuneSettings(steps=7, lr=2e-3)

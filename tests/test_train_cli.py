@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import re
 import subprocess
@@ -94,16 +93,15 @@ def test_python_dash_m_reports_vocabulary_mismatch(tmp_path):
 
 def test_help_defaults_match_the_library():
     """The CLI leaves unset options to the library; its help texts must quote the same values."""
-    from dem import train
+    from dataclasses import fields
+
+    from dem.training.settings import FinetuneSettings, PretrainSettings
 
     parser = build_parser()
     subparsers = next(a for a in parser._actions if a.dest == "command").choices
-    for command, function in (("pretrain", train.pretrain), ("finetune", train.finetune)):
-        defaults = {
-            k: p.default
-            for k, p in inspect.signature(function).parameters.items()
-            if p.default is not inspect._empty
-        }
+    required = {"finetune": ["--base", "b", "--source", "x"]}
+    for command, settings in (("pretrain", PretrainSettings), ("finetune", FinetuneSettings)):
+        defaults = {f.name: f.default for f in fields(settings)}
         checked = 0
         for action in subparsers[command]._actions:
             match = re.search(r"\(default ([0-9][0-9.e+-]*)\)", action.help or "")
@@ -112,3 +110,7 @@ def test_help_defaults_match_the_library():
                 assert float(match.group(1)) == defaults[name], (command, name)
                 checked += 1
         assert checked >= 5, command
+        # Every setting is an option, and every option the user leaves unset is not passed.
+        assert set(defaults) <= {a.dest for a in subparsers[command]._actions}, command
+        args = parser.parse_args([command, "--out", "o", *required.get(command, [])])
+        assert all(getattr(args, name) is None for name in defaults), command

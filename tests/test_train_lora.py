@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from _helpers_train import FAST, SOURCE_KWARGS, Interrupt, make_base, same_weights, weights
+from _helpers_train import FAST, SOURCE_KWARGS, Interrupt, same_weights, weights
 
 from dem import DemError
-from dem import train as dem_train
+from dem.training.finetune import finetune
 
 # peft is a dev dependency (pyproject.toml): these tests run, never skip, in CI.
 torch.set_num_threads(1)
@@ -22,15 +22,10 @@ MIX = {"arithmetic": 1.0}
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    return make_base(tmp_path_factory.mktemp("base") / "base")
-
-
-@pytest.fixture(scope="module")
 def reference(base, tmp_path_factory) -> tuple[Path, dict]:
     """One uninterrupted LoRA run that several tests compare against."""
     out = tmp_path_factory.mktemp("lora") / "run"
-    return out, dem_train.finetune(base, out, mixture=MIX, **LORA)
+    return out, finetune(base, out, mixture=MIX, **LORA)
 
 
 def test_output_is_an_ordinary_model_with_only_target_weights_changed(base, reference):
@@ -71,7 +66,7 @@ def test_the_distribution_vector_is_low_rank(base, reference, tmp_path):
     assert 1 <= torch.linalg.matrix_rank(delta, rtol=1e-4) <= LORA["lora_r"]
     # The check can fail: two steps of full fine-tuning already give a full-rank delta.
     full = tmp_path / "full"
-    dem_train.finetune(base, full, mixture=MIX, **{**FAST, "steps": 2, "eval_every": 1})
+    finetune(base, full, mixture=MIX, **{**FAST, "steps": 2, "eval_every": 1})
     delta = weights(full)[name] - w_base[name]
     assert torch.linalg.matrix_rank(delta, rtol=1e-4) > LORA["lora_r"]
 
@@ -84,33 +79,33 @@ def test_interrupted_lora_run_resumes_to_the_same_weights(base, reference, tmp_p
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        dem_train.finetune(base, out, mixture=MIX, callback=crash, **LORA)
+        finetune(base, out, mixture=MIX, callback=crash, **LORA)
     checkpoint = tmp_path / "run.partial" / "checkpoint"
     assert any("lora_A" in k for k in weights(checkpoint))  # the wrapped model's state
-    dem_train.finetune(base, out, mixture=MIX, **LORA)
+    finetune(base, out, mixture=MIX, **LORA)
     assert same_weights(reference[0], out)
 
 
 def test_same_seed_same_weights_other_seed_not(base, reference, tmp_path):
-    dem_train.finetune(base, tmp_path / "again", mixture=MIX, **LORA)
+    finetune(base, tmp_path / "again", mixture=MIX, **LORA)
     assert same_weights(reference[0], tmp_path / "again")
-    dem_train.finetune(base, tmp_path / "other", mixture=MIX, **{**LORA, "seed": 1})
+    finetune(base, tmp_path / "other", mixture=MIX, **{**LORA, "seed": 1})
     assert not same_weights(reference[0], tmp_path / "other")
 
 
 def test_gradient_checkpointing_gives_the_same_weights(base, reference, tmp_path):
     out = tmp_path / "gc"
-    dem_train.finetune(base, out, mixture=MIX, gradient_checkpointing=True, **LORA)
+    finetune(base, out, mixture=MIX, gradient_checkpointing=True, **LORA)
     assert same_weights(reference[0], out)
 
 
 def test_other_lora_settings_are_another_run(base, reference):
     out, _ = reference
     with pytest.raises(DemError, match=r"parameters differ: lora_alpha, lora_r\)"):
-        dem_train.finetune(base, out, mixture=MIX, **{**LORA, "lora_r": 8})
+        finetune(base, out, mixture=MIX, **{**LORA, "lora_r": 8})
     full = {k: v for k, v in LORA.items() if not k.startswith("lora_")}
     with pytest.raises(DemError, match="parameters differ: lora_alpha, lora_dropout, lora_r"):
-        dem_train.finetune(base, out, mixture=MIX, **full)
+        finetune(base, out, mixture=MIX, **full)
 
 
 @pytest.mark.parametrize(
@@ -131,7 +126,7 @@ def test_other_lora_settings_are_another_run(base, reference):
 )
 def test_bad_lora_options(base, tmp_path, kwargs, message):
     with pytest.raises(DemError, match=message) as err:
-        dem_train.finetune(base, tmp_path / "x", mixture=MIX, **{**FAST, **kwargs})
+        finetune(base, tmp_path / "x", mixture=MIX, **{**FAST, **kwargs})
     assert "\n" not in str(err.value)
     # Checked before any training: nothing is left that a corrected rerun would trip over.
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
@@ -140,7 +135,7 @@ def test_bad_lora_options(base, tmp_path, kwargs, message):
 def test_missing_peft_names_the_install_command(base, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)  # import peft -> ImportError
     with pytest.raises(DemError, match=r"needs the peft package: pip install 'dem\[lora\]'"):
-        dem_train.finetune(base, tmp_path / "x", mixture=MIX, **{**FAST, "lora_r": 4})
+        finetune(base, tmp_path / "x", mixture=MIX, **{**FAST, "lora_r": 4})
 
 
 def test_cli_lora_on_chosen_modules(base, tmp_path, capsys):

@@ -35,7 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except DemError as err:
-        print(f"dem {args.command}: error: {err}", file=sys.stderr)
+        # The library names its keyword (overwrite=True); on the command line it is a flag.
+        message = str(err).replace("overwrite=True", "--overwrite")
+        print(f"dem {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"dem {args.command}: interrupted", file=sys.stderr)

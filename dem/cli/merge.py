@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
 
 from dem import DemError
+from dem.methods import METHODS, PARAMS, Param, ParameterError
+
+DEFAULT_METHOD = "dem"
 
 
 def _add_merge(sub: argparse._SubParsersAction) -> None:
@@ -33,9 +37,7 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", metavar="OUT", help="output model folder (created when complete)")
     p.add_argument(
-        "--method",
-        choices=["dem", "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"],
-        help="merge method (default: dem)",
+        "--method", choices=list(METHODS), help=f"merge method (default: {DEFAULT_METHOD})"
     )
     p.add_argument(
         "--dtype",
@@ -48,33 +50,9 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
         choices=["float32", "float64"],
         help="arithmetic precision (default: float32)",
     )
-    p.add_argument(
-        "--density",
-        type=float,
-        metavar="K",
-        help="TIES: fraction of each vector's "
-        "largest-magnitude entries kept, in (0, 1] (default: 0.2 for ties, 1.0 for dare_ties)",
-    )
-    p.add_argument(
-        "--drop-prob",
-        type=float,
-        metavar="P",
-        help="DARE: probability of dropping "
-        "each entry, in [0, 1); survivors are scaled by 1/(1-P) (default: 0.9)",
-    )
-    p.add_argument(
-        "--lambda",
-        dest="lam",
-        type=float,
-        metavar="L",
-        help="scale of the merged vector for task_arithmetic, ties, dare_ties (default: 1.0)",
-    )
-    p.add_argument(
-        "--seed",
-        type=int,
-        metavar="S",
-        help="DARE seed; masks depend on the seed and the tensor name only (default: 0)",
-    )
+    for param in PARAMS.values():  # each method's parameters, as its record declares them
+        p.add_argument(_flag(param), dest=param.name, type=param.kind, metavar=param.metavar,
+                       help=_param_help(param))  # fmt: skip
     p.add_argument(
         "--max-shard-size",
         metavar="SIZE",
@@ -113,39 +91,41 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     e.set_defaults(func=_run_vectors_extract)
 
 
-_MERGE_EPILOG = """\
-methods (theta_0 = base, v_i = theta_i - theta_0, w_i = the model's weight):
-  dem              theta_0 + sum_i w_i v_i                       (default; DEM, Ram et al. 2024)
-  linear           sum_i w_i theta_i                             (model soup: w_i = 1/n)
-  task_arithmetic  theta_0 + lambda sum_i w_i v_i                (Ilharco et al. 2023)
-  ties             theta_0 + lambda TIES(v; w, density)          (Yadav et al. 2023)
-  dare_linear      theta_0 + sum_i w_i DARE(v_i; p)              (Yu et al. 2024)
-  dare_ties        theta_0 + lambda TIES(DARE(v; p); w, density)
+def _flag(param: Param) -> str:
+    return "--" + param.config_key.replace("_", "-")
 
---config merge.yaml takes the same settings as keys (base, models, out, method, dtype,
-compute_dtype, density, drop_prob, lambda, seed, overwrite, max_shard_size); models is a list
-of "PATH=WEIGHT" strings or {path: P, weight: W} mappings. Flags given on the command line
-override the file; --model flags replace its model list. Paths are relative to the current
-folder. Example:
+
+def _param_help(param: Param) -> str:
+    """The record's line, its valid values, and which methods take it with which default."""
+    users: dict = {}
+    for m in METHODS.values():
+        for own in m.params:
+            if own.name == param.name:
+                users.setdefault(own.default, []).append(m.name)
+    valid = f", {param.valid_text}" if param.valid_text else ""
+    defaults = "; ".join(f"{d} for {', '.join(names)}" for d, names in users.items())
+    return f"{param.doc}{valid} (default: {defaults})"
+
+
+_SETTINGS = ("base", "models", "out", "method", "dtype", "compute_dtype")
+_MERGE_KEYS = {*_SETTINGS, *(p.config_key for p in PARAMS.values()), "overwrite", "max_shard_size"}
+_METHOD_ROWS = "\n".join(f"  {m.name:<16} {m.formula:<40} ({m.about})" for m in METHODS.values())
+_MERGE_EPILOG = f"""\
+methods (θ0 = base, v_i = θ_i − θ0, w_i = the model's weight):
+{_METHOD_ROWS}
+
+{
+    textwrap.fill(
+        f"--config merge.yaml takes the same settings as keys ({', '.join(sorted(_MERGE_KEYS))}); "
+        'models is a list of "PATH=WEIGHT" strings or {path: P, weight: W} mappings. Flags '
+        "given on the command line override the file; --model flags replace its model list. "
+        "Paths are relative to the current folder. Example:",
+        96,
+    )
+}
 
   dem merge --base runs/base --model runs/math=0.6 --model runs/code=0.4 --out runs/dem
 """
-
-
-_MERGE_KEYS = {
-    "base",
-    "models",
-    "out",
-    "method",
-    "dtype",
-    "compute_dtype",
-    "density",
-    "drop_prob",
-    "lambda",
-    "seed",
-    "overwrite",
-    "max_shard_size",
-}
 
 
 def _merge_settings(args: argparse.Namespace) -> dict:
@@ -171,20 +151,8 @@ def _merge_settings(args: argparse.Namespace) -> dict:
                 f"--config {args.config}: unknown key {unknown[0]!r} "
                 f"(known: {', '.join(sorted(_MERGE_KEYS))})"
             )
-    flags = {
-        "base": args.base,
-        "models": args.models,
-        "out": args.out,
-        "method": args.method,
-        "dtype": args.dtype,
-        "compute_dtype": args.compute_dtype,
-        "density": args.density,
-        "drop_prob": args.drop_prob,
-        "lambda": args.lam,
-        "seed": args.seed,
-        "overwrite": args.overwrite,
-        "max_shard_size": args.max_shard_size,
-    }
+    flags = {key: getattr(args, key) for key in (*_SETTINGS, "overwrite", "max_shard_size")}
+    flags.update({p.config_key: getattr(args, p.name) for p in PARAMS.values()})
     settings.update({k: v for k, v in flags.items() if v is not None})
     for key in ("base", "out"):
         if not settings.get(key):
@@ -214,34 +182,28 @@ def _model_spec(spec) -> tuple[str, float]:
 
 def _run_merge(args: argparse.Namespace) -> int:
     s = _merge_settings(args)
-    numbers = {"seed": int, "density": float, "drop_prob": float, "lambda": float}
-    for key, kind in numbers.items():
-        if key in s and (isinstance(s[key], bool) or not isinstance(s[key], int | float)):
-            raise DemError(f"{key} {s[key]!r} is not a number")
-        if key in s:
-            s[key] = kind(s[key])
     if s.get("compute_dtype", "float32") not in ("float32", "float64"):
         raise DemError(f"compute_dtype {s['compute_dtype']!r}: expected float32 or float64")
     import torch
 
     from dem.merge import merge
 
+    params = {p.name: s[p.config_key] for p in PARAMS.values() if p.config_key in s}
     try:
         out = merge(
             s["base"],
             s["models"],
             s["out"],
-            method=s.get("method", "dem"),
+            method=s.get("method", DEFAULT_METHOD),
             dtype=s.get("dtype"),
-            density=s.get("density"),
-            drop_prob=s.get("drop_prob"),
-            seed=s.get("seed", 0),
-            lam=s.get("lambda", 1.0),
             overwrite=bool(s.get("overwrite", False)),
             compute_dtype=getattr(torch, s.get("compute_dtype", "float32")),
             progress=not args.no_progress,
             max_shard_size=s.get("max_shard_size", "5GB"),
+            **params,
         )
+    except ParameterError as err:  # the library names the parameter; here it is a flag
+        raise DemError(f"{_flag(PARAMS[err.parameter])} {err.problem}") from None
     except OSError as err:  # e.g. no permission or no space for the output: one line, no traceback
         raise DemError(f"{err.filename or s['out']}: {err.strerror or err}") from None
     print(out)

@@ -1,16 +1,71 @@
-"""``dem pretrain`` and ``dem finetune``: options and the calls into training."""
+"""``dem pretrain`` and ``dem finetune``: options and the calls into training.
+
+The training options are generated from the settings dataclasses
+(:mod:`dem.training.settings`): one ``--flag`` per field, its help and default from the field.
+Options left unset are not passed, so the library defaults apply.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import re
+import typing
 
 from dem import DemError
 from dem.cli.sources import _source_spec
+from dem.training.schedule import parse_mixture
+from dem.training.settings import FinetuneSettings, PretrainSettings, Settings
+
+# gradient_checkpointing (True / False / None = choose for the device) on the command line.
+_TRISTATE = {"auto": None, "on": True, "off": False}
+_METAVARS = {int: "N", float: "X", str: "TEXT"}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _cli_help(text: str, names: list[str]) -> str:
+    # Settings' help names other settings by parameter (eval_every); here they are flags.
+    with_underscore = [n for n in names if "_" in n]
+    if not with_underscore:
+        return text
+    pattern = r"\b(" + "|".join(map(re.escape, with_underscore)) + r")\b"
+    return re.sub(pattern, lambda m: _flag(m.group(1)), text)
+
+
+def _default_text(value: object) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _add_settings(parser: argparse.ArgumentParser, cls: type[Settings]) -> None:
+    """One option per field of ``cls``: type, help and default shown from the field."""
+    hints = typing.get_type_hints(cls)
+    names = cls.names()
+    for f in dataclasses.fields(cls):
+        text = _cli_help(f.metadata["help"], names)
+        hint = hints[f.name]
+        if hint == bool | None:
+            parser.add_argument(
+                _flag(f.name), choices=tuple(_TRISTATE), help=f"{text} (default auto)"
+            )
+            continue
+        kind = next(t for t in (int, float, str) if hint in (t, t | None))
+        if f.default is not None:
+            text += f" (default {_default_text(f.default)})"
+        parser.add_argument(_flag(f.name), type=kind, metavar=_METAVARS[kind], help=text)
+
+
+def _settings_kwargs(args: argparse.Namespace, cls: type[Settings]) -> dict:
+    """The settings the user set (library defaults apply to the rest)."""
+    kwargs = {n: getattr(args, n) for n in cls.names() if getattr(args, n) is not None}
+    if isinstance(kwargs.get("gradient_checkpointing"), str):
+        kwargs["gradient_checkpointing"] = _TRISTATE[kwargs["gradient_checkpointing"]]
+    return kwargs
 
 
 def _add_training(sub: argparse._SubParsersAction) -> None:
-    # Defaults live in dem.train's signatures (tests check these help texts agree); options
-    # left unset are not passed, so the library defaults apply.
     p = sub.add_parser(
         "pretrain",
         help="build the tiny base: a small Llama pretrained on generic text (cached)",
@@ -20,15 +75,7 @@ def _add_training(sub: argparse._SubParsersAction) -> None:
         "reuses it, an interrupted run resumes from its last checkpoint.",
     )
     p.add_argument("--out", required=True, metavar="DIR", help="output model folder")
-    p.add_argument("--steps", type=int, help="optimizer steps (default 600)")
-    p.add_argument("--batch-size", type=int, help="sequences per step (default 16)")
-    p.add_argument("--seq-len", type=int, help="tokens per sequence (default 128)")
-    p.add_argument("--lr", type=float, help="peak AdamW learning rate (default 1e-3)")
-    p.add_argument("--warmup-steps", type=int, help="linear warmup steps (default 30)")
-    p.add_argument("--hidden-size", type=int, help="model width (default 128)")
-    p.add_argument("--num-layers", type=int, help="transformer layers (default 4)")
-    p.add_argument("--num-heads", type=int, help="attention heads (default 4)")
-    p.add_argument("--eval-every", type=int, help="validation every N steps (default 100)")
+    _add_settings(p, PretrainSettings)
     _add_common_training(p)
     p.set_defaults(func=_pretrain)
 
@@ -56,42 +103,7 @@ def _add_training(sub: argparse._SubParsersAction) -> None:
         help="JSON object (with a 'name') for a mixture entry that is your own data; repeatable",
     )
     f.add_argument("--out", required=True, metavar="DIR", help="output model folder")
-    f.add_argument("--steps", type=int, help="optimizer steps (default 1000)")
-    f.add_argument("--batch-size", type=int, help="examples per micro-batch (default 16)")
-    f.add_argument("--lr", type=float, help="peak AdamW learning rate (default 1e-3)")
-    f.add_argument("--warmup-steps", type=int, help="linear warmup steps (default 30)")
-    f.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
-    f.add_argument("--eval-every", type=int, help="validation loss every N steps (default 100)")
-    f.add_argument("--save-every", type=int, help="checkpoint every N steps (default eval-every)")
-    f.add_argument("--max-length", type=int, help="max tokens per example (default 128)")
-    f.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0)")
-    f.add_argument(
-        "--gradient-checkpointing",
-        choices=("auto", "on", "off"),
-        default="auto",
-        help="recompute activations in the backward pass to save memory (default auto: on "
-        "for GPUs under 40 GB, off on larger GPUs and on CPU)",
-    )
-    f.add_argument(
-        "--lora-r",
-        type=int,
-        metavar="N",
-        help="train rank-N LoRA adapters (peft; 0 = full fine-tuning) instead of every weight; "
-        "they are merged into the weights at the end, so the output is an ordinary model folder "
-        "(default 0)",
-    )
-    f.add_argument(
-        "--lora-alpha", type=float, metavar="A", help="LoRA scale alpha (default 2 x lora-r)"
-    )
-    f.add_argument(
-        "--lora-dropout", type=float, metavar="P", help="dropout on the LoRA input (default 0)"
-    )
-    f.add_argument(
-        "--lora-target",
-        metavar="MODULES",
-        help="modules that get adapters: all-linear (every linear layer but the output head) "
-        "or comma-separated names such as q_proj,v_proj (default all-linear)",
-    )
+    _add_settings(f, FinetuneSettings)
     f.add_argument("--n-train", type=int, help="training examples per source")
     f.add_argument("--n-validation", type=int, help="validation examples per source")
     _add_common_training(f)
@@ -99,30 +111,23 @@ def _add_training(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_common_training(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seed", type=int, help="seed of initialisation, data and order (default 0)")
-    p.add_argument("--device", help="auto, cpu, cuda, mps (default auto)")
     p.add_argument("--threads", type=int, help="CPU threads (default: 1 on <= 2 cores)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _training_kwargs(args: argparse.Namespace, names: tuple[str, ...]) -> dict:
-    """The options the user set (library defaults apply to the rest)."""
-    kwargs = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
-    kwargs.update(overwrite=args.overwrite, progress=not args.no_progress)
-    return kwargs
+def _run_kwargs(args: argparse.Namespace) -> dict:
+    return {"overwrite": args.overwrite, "progress": not args.no_progress}
 
 
 def _pretrain(args: argparse.Namespace) -> int:
     import os
 
     from dem.models import set_cpu_threads
-    from dem.train import pretrain
+    from dem.training.pretrain import pretrain
 
     set_cpu_threads(args.threads)
-    names = ("steps", "batch_size", "seq_len", "lr", "warmup_steps", "hidden_size")
-    names += ("num_layers", "num_heads", "eval_every", "seed", "device")
-    out = pretrain(args.out, **_training_kwargs(args, names))
+    out = pretrain(args.out, **_settings_kwargs(args, PretrainSettings), **_run_kwargs(args))
     if os.environ.get("RANK", "0") == "0":
         print(f"base model: {out}")
     return 0
@@ -147,28 +152,21 @@ def _finetune(args: argparse.Namespace) -> int:
             spec = spec["name"]
         mixture = {spec: 1.0}
     else:
-        from dem.train import parse_mixture
-
         mixture = parse_mixture(args.mixture)
     given = {"seed": args.seed, "n_train": args.n_train, "n_validation": args.n_validation}
     source_kwargs = {k: v for k, v in given.items() if v is not None}
     from dem.models import set_cpu_threads
-    from dem.train import finetune
+    from dem.training.finetune import finetune
 
     set_cpu_threads(args.threads)
-    names = ("steps", "batch_size", "lr", "warmup_steps", "grad_accum", "eval_every")
-    names += ("save_every", "max_length", "weight_decay", "seed", "device")
-    names += ("lora_r", "lora_alpha", "lora_dropout", "lora_target")
     cost = finetune(
         args.base,
         args.out,
         mixture=mixture,
         source_kwargs=source_kwargs,
         custom_sources=custom or None,
-        gradient_checkpointing={"auto": None, "on": True, "off": False}[
-            args.gradient_checkpointing
-        ],
-        **_training_kwargs(args, names),
+        **_settings_kwargs(args, FinetuneSettings),
+        **_run_kwargs(args),
     )
     if os.environ.get("RANK", "0") == "0":  # one report under accelerate launch / torchrun
         print(json.dumps(cost, indent=2, sort_keys=True))

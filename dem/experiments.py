@@ -1,0 +1,291 @@
+"""The chapters' experiments, each one call: the merging baselines and their λ search and the
+validation landscape (04), choosing a DMix ratio (05), swapping one source (06), and the
+checks that a distribution vector and a streamed merge are exact (03, 04).
+
+Every choice is made on validation; test only reports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pandas as pd
+import torch
+
+from dem import models, vectors
+from dem.evaluate import evaluate
+from dem.safetensors_io import WeightFolder
+from dem.search import InMemoryMerge, best_weights, search_weights, validation_scorer
+from dem.training.finetune import finetune
+from dem.training.settings import FinetuneSettings
+
+if TYPE_CHECKING:
+    from dem.notebook import Run
+
+
+# --- chapter 04: the weight search, the landscape, the baselines ---------------------------------
+def search_cost(trials: pd.DataFrame) -> dict:
+    """What a weight search cost: candidates, wall seconds, and merge time / evaluation time."""
+    overhead = trials["merge_s"].sum() / trials["eval_s"].sum()
+    return {
+        "candidates": len(trials),
+        "wall_s": float(trials["merge_s"].sum() + trials["eval_s"].sum()),
+        "merge_overhead": float(overhead),
+    }
+
+
+def landscape(
+    score,
+    w: Mapping[str, float],
+    x: str,
+    y: str,
+    values: Sequence[float],
+    *,
+    minimize: bool = True,
+) -> pd.DataFrame:
+    """The objective over a grid of the weights of sources ``x`` and ``y``, the others at ``w``."""
+
+    def score_pair(pair: Mapping[str, float]) -> dict:
+        return score({**w, x: pair[x], y: pair[y]})
+
+    return search_weights(score_pair, [x, y], "grid", values=values, minimize=minimize)
+
+
+def lambda_search(
+    merger: InMemoryMerge,
+    tokenizer,
+    sources: Sequence,
+    lambdas: Sequence[float],
+    method: str,
+    *,
+    metric: str = "loss",
+    max_examples: int | None = None,
+    batch_size: int = 64,
+    **options,
+) -> float:
+    """The λ (one weight shared by every source) of ``method`` that scores best on validation."""
+    score = validation_scorer(
+        merger,
+        tokenizer,
+        sources,
+        metric=metric,
+        max_examples=max_examples,
+        batch_size=batch_size,
+        method=method,
+        **options,
+    )
+    names = [s.name for s in sources]
+
+    def score_lambda(candidate: Mapping[str, float]) -> dict:
+        return score({n: candidate["lambda"] for n in names})
+
+    table = search_weights(
+        score_lambda, ["lambda"], "grid", values=lambdas, minimize=metric == "loss"
+    )
+    return float(table.iloc[0]["w_lambda"])
+
+
+def baseline_merges(
+    names: Sequence[str],
+    w: Mapping[str, float],
+    lam: Mapping[str, float],
+    *,
+    ties_density: float,
+    dare_drop_prob: float,
+    seed: int,
+) -> dict[str, tuple[str, dict, dict]]:
+    """DEM and the merging baselines as {label: (method, weights, options)}.
+
+    ``w`` are DEM's searched weights; ``lam`` the λ chosen for task arithmetic, TIES and DARE.
+    The uniform average (model soup) is DEM with every w_i = 1/K.
+    """
+    return {
+        "dem": ("dem", dict(w), {}),
+        "average": ("dem", {n: 1 / len(names) for n in names}, {}),
+        "task_arithmetic": ("dem", {n: lam["task_arithmetic"] for n in names}, {}),
+        "ties": ("ties", {n: lam["ties"] for n in names}, {"density": ties_density}),
+        "dare": (
+            "dare_linear",
+            {n: lam["dare"] for n in names},
+            {"drop_prob": dare_drop_prob, "seed": seed},
+        ),
+    }
+
+
+def evaluate_merges(
+    merger: InMemoryMerge,
+    tokenizer,
+    merges: Mapping[str, tuple[str, Mapping, Mapping]],
+    sources: Sequence,
+    split: str = "test",
+    *,
+    max_examples: int | None = None,
+    batch_size: int = 64,
+) -> pd.DataFrame:
+    """Set the model to each merge of ``merges`` in turn and evaluate it; one tidy table."""
+    tables = []
+    for label, (method, weights, options) in merges.items():
+        if method == "dem":
+            merger.apply(weights)
+        else:
+            merger.apply_method(method, weights, **options)
+        tables.append(
+            evaluate(
+                merger.model,
+                tokenizer,
+                sources,
+                split,
+                metrics=("loss", "accuracy"),
+                max_examples=max_examples,
+                batch_size=batch_size,
+                model_name=label,
+            )
+        )
+    return pd.concat(tables, ignore_index=True)
+
+
+# --- chapter 05: choosing the mixture ratio ------------------------------------------------------
+def choose_mixture(validation: pd.DataFrame, metric: str) -> tuple[pd.Series, str]:
+    """Mean validation ``metric`` per DMix run, and the best run (lowest loss, else highest)."""
+    scores = validation.groupby("model", sort=False)["value"].mean()
+    best = scores.idxmin() if metric == "loss" else scores.idxmax()
+    return scores, best
+
+
+# --- chapter 06: swap one source -----------------------------------------------------------------
+@dataclass
+class SwapResult:
+    """DEM after replacing one source: its new weights, test scores and what each recipe paid."""
+
+    swap_out: str
+    swap_in: str
+    weights: dict[str, float]
+    test: pd.DataFrame  # tidy evaluation of the new DEM model on the new sources
+    cost: pd.DataFrame  # per recipe: train_tokens, wall_s
+
+    def record(self) -> dict:
+        """The ``swap`` entry of ``metrics.json``."""
+        return {
+            "out": self.swap_out,
+            "in": self.swap_in,
+            "weights": self.weights,
+            "test": self.test.set_index("source")["value"].to_dict(),
+            "cost": self.cost.to_dict(orient="index"),
+        }
+
+
+def swap_source(
+    run: Run,
+    swap_out: str,
+    swap_in: str,
+    *,
+    settings: FinetuneSettings,
+    dmix_search_cost: tuple,
+    strategy: str = "grid",
+    values: Sequence[float] = (0.0, 0.5, 1.0),
+    n_trials: int = 32,
+    metric: str = "loss",
+    max_examples: int | None = None,
+    batch_size: int = 64,
+    eval_max_examples: int | None = None,
+) -> SwapResult:
+    """Replace ``swap_out`` by ``swap_in``: one fine-tune, one vector, a new weight search.
+
+    ``settings`` are the fine-tune's (``steps`` the budget of ``swap_in``). The other sources' vectors are reused. Under data mixing every run of the ratio search
+    trains on the changed mixture, so its cost is ``dmix_search_cost`` (tokens, wall seconds)
+    again: the runs have the same steps and batch size.
+    """
+    layout = run.layout
+    swapped = [n for n in run.names if n != swap_out] + [swap_in]
+    new_source = run.source(swap_in)
+    new_cost = finetune(
+        layout.base,
+        layout.ft_model(swap_in),
+        mixture={swap_in: 1.0},
+        settings=settings,
+        source_kwargs=run.source_kwargs,
+        custom_sources=run.custom_sources,
+        replace=True,
+        progress=False,
+    )
+    vectors.extract_vector(
+        layout.base,
+        layout.ft_model(swap_in),
+        layout.vector(swap_in),
+        overwrite=True,
+        progress=False,
+    )
+    model, tokenizer = models.load_model(str(layout.base), device=run.device)
+    merger = InMemoryMerge(model, {n: vectors.load_vector(layout.vector(n)) for n in swapped})
+    sources = [s for s in run.train_sources if s.name != swap_out] + [new_source]
+    score = validation_scorer(
+        merger, tokenizer, sources, metric=metric, max_examples=max_examples, batch_size=batch_size
+    )
+    trials = search_weights(
+        score,
+        swapped,
+        strategy,
+        values=values,
+        n_trials=n_trials,
+        seed=run.seed,
+        minimize=metric == "loss",
+    )
+    merger.apply(best_weights(trials))
+    test = evaluate(
+        model,
+        tokenizer,
+        sources,
+        "test",
+        metrics=("accuracy",),
+        max_examples=eval_max_examples,
+        batch_size=batch_size,
+        model_name="dem_swapped",
+    )
+    search_tokens, search_wall = dmix_search_cost
+    cost = pd.DataFrame(
+        [
+            {
+                "recipe": "DEM: one fine-tune + new search",
+                "train_tokens": new_cost["train_tokens"],
+                "wall_s": new_cost["wall_s"] + trials.merge_s.sum() + trials.eval_s.sum(),
+            },
+            {
+                "recipe": "DMix: repeat the ratio search",
+                "train_tokens": search_tokens,
+                "wall_s": search_wall,
+            },
+        ]
+    ).set_index("recipe")
+    return SwapResult(swap_out, swap_in, best_weights(trials), test, cost)
+
+
+# --- exactness checks (03, 04) -------------------------------------------------------------------
+def reconstruction_error(
+    base: str | Path, model: str | Path, vector: Mapping[str, torch.Tensor]
+) -> float:
+    """max |θ0 + v − θ| over every floating-point tensor of ``model`` (in float64)."""
+    theta_0, theta_1 = WeightFolder(base, role="base"), WeightFolder(model)
+    try:
+        error = 0.0
+        for name in theta_1.names:
+            t1 = theta_1.tensor(name)
+            if t1.is_floating_point():
+                diff = theta_0.tensor(name).double() + vector[name].double() - t1.double()
+                error = max(error, float(diff.abs().max()))
+            theta_0.release()
+            theta_1.release()
+        return error
+    finally:
+        theta_0.close()
+        theta_1.close()
+
+
+def max_abs_difference(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    """The largest entry-wise difference between two models' state dicts (in float32)."""
+    return max(
+        float((x.float() - y.float()).abs().max())
+        for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    )

@@ -1,0 +1,178 @@
+"""Fine-tuning a base on one source or a mixture of sources (DMix).
+
+Each training example's source is drawn by the mixture ratios (deterministic by the seed); the
+loss falls on response tokens only. A run is cached and resumable by its parameters (see
+:mod:`dem.training.runs`), its knobs are :class:`~dem.training.settings.FinetuneSettings`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dem import DemError
+from dem import models as dem_models
+from dem.data import encode_examples, pad_batch
+from dem.sources import get_source
+from dem.training.loop import accelerator_for, train_loop, transformers_bars
+from dem.training.lora import add_lora, merge_lora, require_peft
+from dem.training.runs import (
+    CHECKPOINT,
+    complete,
+    fingerprint,
+    prepare_synced,
+    start_run,
+    training_record,
+)
+from dem.training.schedule import build_schedule, normalize_mixture
+from dem.training.settings import FinetuneSettings
+
+VALIDATION_BATCH = 64  # validation examples per forward pass (sorted by length: little padding)
+
+
+def use_gradient_checkpointing(requested: bool | None, device: torch.device) -> bool:
+    """Whether to recompute activations in the backward pass instead of storing them.
+
+    ``None`` chooses for the device: on for GPUs with less than 40 GB, where a real model's
+    activations at batch 16 x 512 tokens crowd the memory; off on larger GPUs (H100, H200),
+    where the ~30% recomputation would only slow training, and on CPU.
+    """
+    if requested is not None:
+        return requested
+    if device.type != "cuda":
+        return False
+    return torch.cuda.get_device_properties(device).total_memory < 40 * 2**30
+
+
+def finetune(
+    base: str | Path,
+    out_dir: str | Path,
+    *,
+    mixture: Mapping[str, float],
+    settings: FinetuneSettings | None = None,
+    source_kwargs: Mapping[str, Any] | None = None,
+    custom_sources: Mapping[str, Mapping[str, Any]] | None = None,
+    overwrite: bool = False,
+    replace: bool = False,
+    progress: bool = True,
+    callback: Callable[[int, dict], None] | None = None,
+    **overrides: Any,
+) -> dict:
+    """Fine-tune ``base`` on a mixture of sources (``{"arithmetic": 1.0}`` = one source).
+
+    ``settings`` (default :class:`FinetuneSettings`) are updated by ``overrides``, its field
+    names (``steps=200, lr=2e-5``). Validation loss (response tokens of every mixture
+    source's validation split) every ``eval_every`` steps; a checkpoint every ``save_every``
+    steps, from which an interrupted run resumes to the same weights. ``source_kwargs`` go to
+    every :func:`dem.sources.get_source`; ``custom_sources`` maps a mixture name to a
+    ``get_source`` dict spec (your own data). ``overwrite`` discards whatever is in
+    ``out_dir``; ``replace`` redoes a dem run there only if its parameters differ.
+    ``callback(step, log_row)`` is called after every optimizer step.
+
+    ``lora_r > 0`` trains LoRA adapters instead of every weight (see :mod:`dem.training.lora`);
+    the output is still an ordinary full model folder.
+
+    Returns the cost record, also written to ``out_dir/cost.json``.
+    """
+    s = (settings or FinetuneSettings()).updated(**overrides)
+    lora = s.lora()
+    if lora:
+        require_peft()
+    ratios = normalize_mixture(mixture)
+    source_kwargs = dict(source_kwargs or {})
+    custom_sources = {k: dict(v) for k, v in (custom_sources or {}).items()}
+    # An unknown name raises DemError listing the known sources, before any model is loaded.
+    sources = {name: get_source(custom_sources.get(name, name), **source_kwargs) for name in ratios}
+    out = Path(out_dir)
+    accelerator = accelerator_for(s.device)
+    params = {
+        "base": str(base),
+        "base_sha256": fingerprint(base),
+        "mixture": dict(mixture),
+        "source_kwargs": source_kwargs,
+        "custom_sources": custom_sources,
+        **s.parameters(),
+        "processes": accelerator.num_processes,
+    }
+    # JSON round trip: what is compared on resume must be exactly what the record holds.
+    params = json.loads(json.dumps(params))
+    work, cached = prepare_synced(accelerator, out, params, overwrite, replace)
+    if cached is not None:
+        return cached
+    record = training_record("finetune", params)
+    start_run(accelerator, work, record)
+
+    with transformers_bars(progress):
+        model, tokenizer = dem_models.load_model(base)
+    checkpointing = use_gradient_checkpointing(s.gradient_checkpointing, accelerator.device)
+    if checkpointing:
+        # transformers 5 renamed it; the old name still works but warns.
+        getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
+    try:
+        if s.max_length > getattr(model.config, "max_position_embeddings", s.max_length):
+            raise DemError(
+                f"max_length={s.max_length} exceeds the model's max_position_embeddings="
+                f"{model.config.max_position_embeddings}"
+            )
+        if lora:
+            model = add_lora(model, base, lora, seed=s.seed, checkpointing=checkpointing)
+    except DemError:
+        # Nothing trained yet: leave no unfinished run behind that a corrected rerun (other
+        # parameters) would be refused by.
+        if accelerator.is_main_process and not (work / CHECKPOINT).exists():
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    encoded = {
+        name: encode_examples(tokenizer, src.examples("train"), s.max_length, name=f"{name} train")
+        for name, src in sources.items()
+    }
+    val_batches = {
+        name: _validation_batches(tokenizer, src.examples("validation"), s.max_length, name)
+        for name, src in sources.items()
+    }
+    lengths = {name: [len(e["input_ids"]) for e in rows] for name, rows in encoded.items()}
+    schedule = build_schedule(
+        lengths,
+        ratios,
+        n_batches=s.steps * s.grad_accum * accelerator.num_processes,
+        batch_size=s.batch_size,
+        seed=s.seed,
+    )
+    result = train_loop(
+        model,
+        tokenizer,
+        work,
+        settings=s,
+        schedule=schedule,
+        encoded=encoded,
+        val_batches=val_batches,
+        accelerator=accelerator,
+        progress=progress,
+        callback=callback,
+    )
+    result["mixture"] = ratios
+    if lora:
+        result["_model"] = merge_lora(result["_model"])
+    with transformers_bars(progress):
+        result = complete(result, tokenizer, work, out, record)
+    accelerator.wait_for_everyone()
+    return result
+
+
+def _validation_batches(
+    tokenizer: Any, examples: list, max_length: int, name: str
+) -> list[dict[str, torch.Tensor]]:
+    """A source's validation examples, encoded (over-long ones truncated) and padded."""
+    val = encode_examples(
+        tokenizer, examples, max_length, too_long="truncate", name=f"{name} validation"
+    )
+    val = sorted(val, key=lambda e: len(e["input_ids"]))  # least padding
+    return [
+        pad_batch(val[i : i + VALIDATION_BATCH], tokenizer.pad_token_id)
+        for i in range(0, len(val), VALIDATION_BATCH)
+    ]

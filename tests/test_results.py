@@ -1,0 +1,139 @@
+"""Chapter 06's accounting (dem.results): costs per method, metrics.json, claims, read back from
+a hand-made run folder whose every number is known."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from dem.io import write_json, write_text
+from dem.layout import RunLayout
+from dem.results import (
+    ChapterResults,
+    build_metrics,
+    claims,
+    method_costs,
+    metrics_table,
+    scores_by_method,
+    write_table,
+)
+
+NAMES = ["a", "b"]
+# Test accuracy per model and source (c is the composite source).
+ACCURACY = {
+    "base": {"a": 0.0, "b": 0.1, "c": 0.0},
+    "individual/a": {"a": 0.9, "b": 0.1, "c": 0.2},
+    "individual/b": {"a": 0.2, "b": 0.8, "c": 0.1},
+    "dem": {"a": 0.88, "b": 0.7, "c": 0.5},
+    "average": {"a": 0.5, "b": 0.5, "c": 0.3},
+    "task_arithmetic": {"a": 0.6, "b": 0.6, "c": 0.3},
+    "ties": {"a": 0.4, "b": 0.6, "c": 0.2},
+    "dare": {"a": 0.5, "b": 0.4, "c": 0.2},
+    "dmix_1-1": {"a": 0.7, "b": 0.7, "c": 0.4},
+    "dmix_2-1": {"a": 0.8, "b": 0.6, "c": 0.4},
+}
+
+
+def _tidy(models: list[str]) -> pd.DataFrame:
+    rows = [
+        {"model": m, "source": s, "metric": metric, "value": v if metric == "accuracy" else 1 - v}
+        for m in models
+        for s, v in ACCURACY[m].items()
+        for metric in ("loss", "accuracy")
+    ]
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture()
+def layout(tmp_path):
+    layout = RunLayout(tmp_path)
+    write_table(
+        _tidy(["base", "individual/a", "individual/b"]),
+        layout.table("02_individual_test"),
+        index=False,
+    )
+    write_table(
+        _tidy(["dem", "average", "task_arithmetic", "ties", "dare"]),
+        layout.table("04_merge_test"),
+        index=False,
+    )
+    write_table(_tidy(["dmix_1-1", "dmix_2-1"]), layout.table("05_dmix_test"), index=False)
+    ft = pd.DataFrame({"train_tokens": [100, 300], "wall_s": [1.0, 2.0]}, index=NAMES)
+    write_table(ft, layout.table("02_finetune_costs"))
+    dmix = pd.DataFrame(
+        {"train_tokens": [400, 400], "wall_s": [3.0, 5.0]}, index=["dmix_1-1", "dmix_2-1"]
+    )
+    write_table(dmix, layout.table("05_dmix_costs"))
+    write_json(
+        layout.table("04_merge_settings"),
+        {"dem_weights": {"a": 1.0, "b": 0.5}, "search": {"wall_s": 0.25}},
+    )
+    write_text(layout.table("05_dmix_best"), "dmix_2-1\n")
+    return layout
+
+
+def test_costs_charge_dem_its_finetunes_and_search_and_dmix_its_whole_ratio_search(layout):
+    chapters = ChapterResults.load(layout)
+    assert chapters.dmix_best == "dmix_2-1" and chapters.dmix_uniform == "dmix_1-1"
+    costs = method_costs(chapters, NAMES)
+    assert list(costs) == [
+        "base", "individual/a", "individual/b", "dem", "average", "task_arithmetic", "ties",
+        "dare", "dmix_uniform", "dmix_best",
+    ]  # fmt: skip
+    assert costs["base"] == (0, 0)
+    assert costs["individual/b"] == (300, 2.0)
+    assert costs["dem"] == (400, 3.25)
+    assert all(costs[m] == (400, 3.0) for m in ("average", "task_arithmetic", "ties", "dare"))
+    assert costs["dmix_uniform"] == (400, 3.0)
+    assert costs["dmix_best"] == (800, 8.0)
+
+
+def test_metrics_reports_each_method_on_its_own_model_and_the_cost_ratio(layout):
+    chapters = ChapterResults.load(layout)
+    metrics = build_metrics(chapters, NAMES, "c")
+    assert metrics["sources"] == NAMES and metrics["composite_source"] == "c"
+    assert metrics["dem_weights"] == {"a": 1.0, "b": 0.5}
+    assert metrics["dmix_best_ratio"] == "dmix_2-1"
+    assert metrics["cost_ratio_dmix_search_over_dem"] == 2.0
+    dem = metrics["methods"]["dem"]
+    assert dem["test"] == {"a": 0.88, "b": 0.7} and dem["composite"] == 0.5
+    assert dem["average"] == pytest.approx(0.79)
+    assert dem["cost"] == {"train_tokens": 400, "wall_s": 3.25}
+    assert metrics["methods"]["dmix_best"]["test"] == {"a": 0.8, "b": 0.6}
+    assert metrics["methods"]["dmix_uniform"]["test"] == {"a": 0.7, "b": 0.7}
+    json.dumps(metrics)  # plain JSON types only: no numpy scalars written as strings
+    assert build_metrics(chapters, NAMES, "")["methods"]["dem"]["composite"] is None
+    table = metrics_table(metrics)
+    assert list(table.index) == list(metrics["methods"])
+    assert table.loc["dmix_best", "train_tokens"] == 800
+
+
+def test_claims_are_computed_from_the_metrics_as_they_are(layout):
+    metrics = build_metrics(ChapterResults.load(layout), NAMES, "c")
+    checks = claims(metrics).set_index("claim")
+    assert list(checks["holds"]) == [True, False, True, False]
+    assert checks.loc["DEM average ≥ best DMix average", "reference"] == pytest.approx(0.7)
+    cost = checks.loc["DEM training cost ≤ 1/3 of the DMix ratio search"]
+    assert cost["dem"] == 400 and cost["reference"] == pytest.approx(800 / 3)
+    own_b = checks.loc["DEM within 5 points of individual/b on b"]
+    assert own_b["dem"] == 0.7 and own_b["reference"] == pytest.approx(0.75)
+
+
+def test_scores_by_method_is_long_in_method_then_source_order(layout):
+    chapters = ChapterResults.load(layout)
+    metrics = build_metrics(chapters, NAMES, "c")
+    long = scores_by_method(chapters, metrics)
+    assert list(long.columns) == ["method", "source", "score"]
+    assert len(long) == len(metrics["methods"]) * len(NAMES)
+    best = long[long.method == "dmix_best"].set_index("source")["score"]
+    assert best.to_dict() == {"a": 0.8, "b": 0.6}
+
+
+def test_write_table_replaces_atomically_and_leaves_no_temporary_file(tmp_path):
+    path = tmp_path / "tables" / "t.csv"
+    write_table(pd.DataFrame({"x": [1, 2]}), path, index=False)
+    write_table(pd.DataFrame({"x": [3]}), path, index=False)
+    assert path.read_text() == "x\n3\n"
+    assert [p.name for p in path.parent.iterdir()] == ["t.csv"]
