@@ -18,7 +18,7 @@ import torch
 from dem import models, vectors
 from dem.evaluate import evaluate
 from dem.safetensors_io import WeightFolder
-from dem.search import InMemoryMerge, best_weights, search_weights, validation_scorer
+from dem.search import MINIMIZE, InMemoryMerge, best_weights, search_weights, validation_scorer
 from dem.training.finetune import finetune
 from dem.training.settings import FinetuneSettings
 
@@ -51,7 +51,9 @@ def landscape(
     def score_pair(pair: Mapping[str, float]) -> dict:
         return score({**w, x: pair[x], y: pair[y]})
 
-    return search_weights(score_pair, [x, y], "grid", values=values, minimize=minimize)
+    return search_weights(
+        score_pair, [x, y], "grid", values=values, minimize=minimize, include_individuals=False
+    )
 
 
 def lambda_search(
@@ -83,7 +85,12 @@ def lambda_search(
         return score({n: candidate["lambda"] for n in names})
 
     table = search_weights(
-        score_lambda, ["lambda"], "grid", values=lambdas, minimize=metric == "loss"
+        score_lambda,
+        ["lambda"],
+        "grid",
+        values=lambdas,
+        minimize=MINIMIZE[metric],
+        include_individuals=False,
     )
     return float(table.iloc[0]["w_lambda"])
 
@@ -151,7 +158,7 @@ def evaluate_merges(
 def choose_mixture(validation: pd.DataFrame, metric: str) -> tuple[pd.Series, str]:
     """Mean validation ``metric`` per DMix run, and the best run (lowest loss, else highest)."""
     scores = validation.groupby("model", sort=False)["value"].mean()
-    best = scores.idxmin() if metric == "loss" else scores.idxmax()
+    best = scores.idxmin() if MINIMIZE[metric] else scores.idxmax()
     return scores, best
 
 
@@ -231,7 +238,7 @@ def swap_source(
         values=values,
         n_trials=n_trials,
         seed=run.seed,
-        minimize=metric == "loss",
+        minimize=MINIMIZE[metric],
     )
     merger.apply(best_weights(trials))
     test = evaluate(

@@ -31,6 +31,10 @@ TABLES = {
     "03_layer_norms": ".csv",  # 03: ‖v_i‖ per layer group
     "03_cosine_similarity": ".csv",  # 03
     "03_sign_agreement": ".csv",  # 03
+    "03_relative_norms": ".csv",  # 03 -> 06: ‖v_i‖ / ‖θ0‖
+    "03_straight_path": ".csv",  # 03: validation loss along θ0 + t·v_i
+    "03_between_fine_tunes": ".csv",  # 03: validation loss along θ_i -> θ_j
+    "03_barriers": ".csv",  # 03 -> 06: the rise of that loss above the line between its ends
     "04_dem_trials": ".csv",  # 04: every candidate of the DEM weight search
     "04_landscape": ".csv",  # 04: the objective over two sources' weights
     "04_merge_test": ".csv",  # 04 -> 06: test scores of DEM and the merging baselines
@@ -50,6 +54,8 @@ FIGURES = (
     "03_layer_norms",
     "03_cosine",
     "03_sign_agreement",
+    "03_straight_path",
+    "03_between_fine_tunes",
     "04_landscape",
     "05_dmix_accuracy",
     "06_scores_by_method",

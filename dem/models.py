@@ -310,6 +310,24 @@ def save_model(
     return out
 
 
+# Bases shipped with dem (``data/bases/NAME``), named ``dem:NAME`` wherever a base is expected.
+SHIPPED_BASES = Path(__file__).resolve().parents[1] / "data" / "bases"
+
+
+def shipped_base(source: str | Path) -> str | Path:
+    """``dem:NAME`` -> the folder of a shipped base; any other source unchanged."""
+    if not str(source).startswith("dem:"):
+        return source
+    name = str(source).removeprefix("dem:")
+    folder = SHIPPED_BASES / name
+    if not (folder / "config.json").is_file():
+        known = sorted(p.name for p in SHIPPED_BASES.glob("*") if (p / "config.json").is_file())
+        raise DemError(
+            f"no shipped base {source!r}; shipped: {', '.join(f'dem:{k}' for k in known) or 'none'}"
+        )
+    return folder
+
+
 def prepare_base(
     source: str | Path,
     out_dir: str | Path,
@@ -330,6 +348,7 @@ def prepare_base(
 
     out = Path(out_dir)
     record = {"source": str(source), "gguf_file": gguf_file}
+    source = shipped_base(source)
     record_file = out / "dem_base.json"
     if out.exists() and not overwrite:
         try:

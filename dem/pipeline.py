@@ -29,6 +29,17 @@ PARAMS = NOTEBOOKS / "params"
 RESERVED = {"run_dir"}
 
 
+def resolve_params(name: str | Path | None) -> Path:
+    """A parameter file: a path, or the name of a shipped set (``smoke`` -> params/smoke.yaml)."""
+    if not name:
+        return PARAMS / "default.yaml"
+    path = Path(name)
+    shipped = PARAMS / f"{name}.yaml"
+    if not path.exists() and path.suffix == "" and len(path.parts) == 1 and shipped.is_file():
+        return shipped
+    return path
+
+
 def load_params(path: str | Path) -> dict:
     """Read a YAML parameter set (a flat mapping of notebook parameters)."""
     path = Path(path)
@@ -54,6 +65,43 @@ def notebooks(folder: Path = NOTEBOOKS) -> list[Path]:
     return found
 
 
+def _select(books: list[Path], only: str | None, start: str | None) -> list[Path]:
+    """The notebooks to execute: all, the one named by ``only``, or ``start`` and later."""
+    if only and start:
+        raise DemError("give --only or --from, not both")
+    wanted = only or start
+    if not wanted:
+        return books
+    match = [
+        i for i, nb in enumerate(books) if nb.stem == wanted or nb.stem.split("_")[0] == wanted
+    ]
+    if not match:
+        known = ", ".join(nb.stem for nb in books)
+        raise DemError(f"no chapter {wanted!r}; chapters: {known}")
+    return books[match[0] : match[0] + 1] if only else books[match[0] :]
+
+
+def chapters(folder: Path = NOTEBOOKS) -> list[tuple[str, str]]:
+    """(name, title) of each chapter: the first heading of its first cell."""
+    rows = []
+    for nb in notebooks(folder):
+        cells = json.loads(nb.read_text())["cells"]
+        title = "".join(cells[0]["source"]).splitlines()[0].lstrip("# ") if cells else ""
+        rows.append((nb.stem, title))
+    return rows
+
+
+def parameter_sets(folder: Path = PARAMS) -> list[tuple[str, str]]:
+    """(name, first comment line) of each shipped parameter set."""
+    rows = []
+    for path in sorted(folder.glob("*.yaml")):
+        first = path.read_text().splitlines()[:1]
+        rows.append(
+            (path.stem, first[0].lstrip("# ") if first and first[0].startswith("#") else "")
+        )
+    return rows
+
+
 def _step_key(notebook: Path, parameters: dict, previous: str) -> str:
     digest = hashlib.sha256(notebook.read_bytes())
     digest.update(json.dumps(parameters, sort_keys=True, default=str).encode())
@@ -68,12 +116,19 @@ def run(
     force: bool = False,
     overrides: dict | None = None,
     notebook_dir: str | Path = NOTEBOOKS,
+    only: str | None = None,
+    start: str | None = None,
     log=print,
 ) -> Path:
-    """Execute every notebook in order into ``out``; return the run folder."""
+    """Execute every notebook in order into ``out``; return the run folder.
+
+    ``only="04"`` reruns chapter 04 alone and ``start="04"`` chapter 04 and every later one,
+    whether or not they changed; the chapters before must already be finished in ``out`` with
+    the same notebooks and parameters (they are reused, never silently recomputed).
+    """
     import papermill as pm
 
-    params_file = Path(params_file) if params_file else PARAMS / "default.yaml"
+    params_file = resolve_params(params_file)
     params = {**load_params(params_file), **(overrides or {})}
     run_dir = Path(out) if out else Path("runs") / params_file.stem
     run_dir = run_dir.resolve()
@@ -88,6 +143,7 @@ def run(
     done = {} if force else previous_manifest.get("steps", {})
 
     books = notebooks(Path(notebook_dir))
+    selected = _select(books, only, start)
     declared = {nb.name: pm.inspect_notebook(str(nb)) for nb in books}
     unknown = set(params) - {name for spec in declared.values() for name in spec}
     if unknown:
@@ -109,15 +165,38 @@ def run(
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "steps": {},
     }
-    layout.notebooks.mkdir(parents=True, exist_ok=True)
-    key = ""
+    # Every step's key first: a chapter --only/--from would reuse must be checked before
+    # anything is written.
+    keys, key = {}, ""
+    step_params = {}
     for nb in books:
-        step = nb.stem
-        nb_params = {k: v for k, v in params.items() if k in declared[nb.name]}
-        nb_params["run_dir"] = str(run_dir)
-        key = _step_key(nb, nb_params, key)
+        step_params[nb] = {k: v for k, v in params.items() if k in declared[nb.name]}
+        step_params[nb]["run_dir"] = str(run_dir)
+        key = keys[nb] = _step_key(nb, step_params[nb], key)
+    finished = {
+        nb: done.get(nb.stem, {}).get("key") == keys[nb]
+        and layout.executed_notebook(nb.name).exists()
+        for nb in books
+    }
+    for nb in books[: books.index(selected[0])]:
+        if not finished[nb]:
+            flag = f"--only {only}" if only else f"--from {start}"
+            raise DemError(
+                f"{flag} reuses the earlier chapters, but {nb.stem} has not finished in "
+                f"{run_dir} with these notebooks and parameters; run without {flag} first"
+            )
+    layout.notebooks.mkdir(parents=True, exist_ok=True)
+    for nb in books:
+        step, key, nb_params = nb.stem, keys[nb], step_params[nb]
         executed = layout.executed_notebook(nb.name)
-        if done.get(step, {}).get("key") == key and executed.exists():
+        if nb not in selected:
+            if books.index(nb) < books.index(selected[0]):
+                log(f"[dem run] {step}: reused")
+                manifest["steps"][step] = {**done[step], "skipped": True}
+            else:  # after an --only chapter: left as it was
+                manifest["steps"][step] = done.get(step, {"key": None})
+            continue
+        if finished[nb] and not (only or start):
             log(f"[dem run] {step}: unchanged, skipped")
             manifest["steps"][step] = {**done[step], "skipped": True}
             continue

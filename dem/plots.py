@@ -82,6 +82,37 @@ def layer_norms(norms: pd.DataFrame) -> plt.Figure:
     return fig
 
 
+def straight_paths(path: pd.DataFrame) -> plt.Figure:
+    """Validation loss of each source along θ0 + t·vᵢ, one panel per vector (tidy table)."""
+    grid = sns.relplot(
+        data=path,
+        x="t",
+        y="loss",
+        hue="source",
+        col="vector",
+        kind="line",
+        marker="o",
+        height=2.6,
+        aspect=1.0,
+        facet_kws={"sharey": True},
+    )
+    grid.set_titles("θ0 + t·v[{col_name}]")
+    grid.figure.suptitle("validation loss along each straight path from θ0", y=1.04)
+    return grid.figure
+
+
+def between_fine_tunes(path: pd.DataFrame) -> plt.Figure:
+    """Loss on the straight line θᵢ → θⱼ for each pair (columns: pair, s, loss)."""
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    sns.lineplot(data=path, x="s", y="loss", hue="pair", marker="o", ax=ax)
+    ax.set(
+        title="between two fine-tunes: θ0 + (1−s)·vᵢ + s·vⱼ",
+        xlabel="s",
+        ylabel="validation loss of sources i and j",
+    )
+    return fig
+
+
 def landscape(trials: pd.DataFrame, x: str, y: str, value: str = "objective") -> plt.Figure:
     """Validation objective over the weights of two sources."""
     grid = trials.pivot_table(index=f"w_{y}", columns=f"w_{x}", values=value).sort_index(

@@ -112,6 +112,8 @@ class ChapterResults:
     dmix_costs: pd.DataFrame  # DMix runs (05), indexed by label; the first is uniform
     merge_settings: dict  # 04: searched weights, λs, the weight search's cost
     dmix_best: str  # 05: label of the DMix run chosen on validation
+    relative_norms: pd.DataFrame  # 03: ‖v_i‖ / ‖θ0‖ per source
+    barriers: pd.DataFrame | None  # 03: loss barrier between each pair of fine-tunes (if run)
 
     @classmethod
     def load(cls, layout: RunLayout) -> ChapterResults:
@@ -123,6 +125,12 @@ class ChapterResults:
             dmix_costs=pd.read_csv(layout.table("05_dmix_costs"), index_col=0),
             merge_settings=json.loads(layout.table("04_merge_settings").read_text()),
             dmix_best=layout.table("05_dmix_best").read_text().strip(),
+            relative_norms=pd.read_csv(layout.table("03_relative_norms")),
+            barriers=(
+                pd.read_csv(layout.table("03_barriers"))
+                if layout.table("03_barriers").exists()
+                else None
+            ),
         )
 
     @property
@@ -194,6 +202,22 @@ def build_metrics(results: ChapterResults, names: Sequence[str], composite: str 
         "dem_weights": results.merge_settings["dem_weights"],
         "dmix_best_ratio": results.dmix_best,
         "cost_ratio_dmix_search_over_dem": float(search_tokens / dem_tokens),
+        "vectors": {
+            "relative_norm": dict(
+                zip(
+                    results.relative_norms.source,
+                    results.relative_norms.relative.astype(float),
+                    strict=True,
+                )
+            ),
+            "barrier": (
+                None
+                if results.barriers is None
+                else dict(
+                    zip(results.barriers.pair, results.barriers.barrier.astype(float), strict=True)
+                )
+            ),
+        },
     }
 
 
@@ -212,7 +236,14 @@ def claims(metrics: Mapping) -> pd.DataFrame:
     methods, names = metrics["methods"], metrics["sources"]
     dem_row, best_row = methods["dem"], methods["dmix_best"]
     dem_tokens, search_tokens = dem_row["cost"]["train_tokens"], best_row["cost"]["train_tokens"]
+    uniform_row = methods["dmix_uniform"]
     rows = [
+        {
+            "claim": "DEM average ≥ DMix uniform average (equal training budget)",
+            "dem": dem_row["average"],
+            "reference": uniform_row["average"],
+            "holds": dem_row["average"] >= uniform_row["average"],
+        },
         {
             "claim": "DEM average ≥ best DMix average",
             "dem": dem_row["average"],
@@ -234,6 +265,17 @@ def claims(metrics: Mapping) -> pd.DataFrame:
                 "dem": dem_row["test"][n],
                 "reference": own - 0.05,
                 "holds": dem_row["test"][n] >= own - 0.05,
+            }
+        )
+    composite = metrics.get("composite_source")
+    if composite and dem_row.get("composite") is not None:
+        best_individual = max(methods[f"individual/{n}"]["composite"] for n in names)
+        rows.append(
+            {
+                "claim": f"DEM on {composite} above every individual model",
+                "dem": dem_row["composite"],
+                "reference": best_individual,
+                "holds": dem_row["composite"] > best_individual,
             }
         )
     return pd.DataFrame(rows)

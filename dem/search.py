@@ -123,6 +123,7 @@ def search_weights(
     rounds: int = 2,
     seed: int = 0,
     minimize: bool = True,
+    include_individuals: bool = True,
 ) -> pd.DataFrame:
     """Evaluate candidate weights and return every trial as a table, best first.
 
@@ -131,6 +132,12 @@ def search_weights(
     points uniformly from ``[low, high]^K`` (seeded); ``coordinate`` starts with every weight at the
     value nearest 1/K and sweeps each source's weight over ``values`` in
     turn, for ``rounds`` rounds, keeping the best. A candidate seen before is not re-evaluated.
+
+    ``include_individuals`` (on by default) first evaluates the K one-hot weights, i.e. each
+    individual fine-tune θ0 + vᵢ exactly, whatever the strategy: a weight search that could
+    pick a merge scoring worse on validation than simply using the best single fine-tune would
+    be a search that loses to its own inputs. (The grid contains them already when ``values``
+    holds 0 and 1; they are then not evaluated twice.)
     """
     if strategy not in STRATEGIES:
         raise DemError(
@@ -153,6 +160,9 @@ def search_weights(
         return seen[key]["objective"]
 
     better = (lambda a, b: a < b) if minimize else (lambda a, b: a > b)
+    if include_individuals:
+        for i in range(len(sources)):
+            evaluate([float(i == j) for j in range(len(sources))])
     if strategy == "grid":
         for candidate in itertools.product(values, repeat=len(sources)):
             evaluate(candidate)

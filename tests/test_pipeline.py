@@ -10,7 +10,7 @@ import pytest
 
 from dem import DemError
 from dem.cli import main
-from dem.pipeline import run
+from dem.pipeline import PARAMS, resolve_params, run
 
 
 def _notebook(path: Path, body: str) -> None:
@@ -89,3 +89,26 @@ def test_cli_reports_missing_parameter_file_in_one_line(capsys, tmp_path):
     assert main(["run", "--params", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nope.yaml not found" in err[0]
+
+
+def test_only_and_from_reuse_earlier_chapters_and_refuse_unfinished_ones(project):
+    books, params, out = project
+    with pytest.raises(DemError, match="01_first has not finished"):
+        run(params, out, notebook_dir=books, only="02")
+    run(params, out, notebook_dir=books, log=lambda m: None)
+    lines = []
+    run(params, out, notebook_dir=books, only="02",
+                 log=lines.append)  # fmt: skip
+    assert lines == ["[dem run] 01_first: reused", "[dem run] 02_second: running"] + [
+        line for line in lines[2:] if line.startswith("[dem run] 02_second: done")
+    ]
+    with pytest.raises(DemError, match="no chapter '07'"):
+        run(params, out, notebook_dir=books, start="07")
+
+
+def test_list_names_chapters_and_parameter_sets(capsys):
+    assert main(["run", "--list"]) == 0
+    shown = capsys.readouterr().out
+    assert "04_weighted_merging" in shown and "Weighted merging" in shown
+    assert all(f"  {name} " in shown for name in ("default", "scratch", "smoke"))
+    assert resolve_params("smoke") == PARAMS / "smoke.yaml"

@@ -71,6 +71,8 @@ def layout(tmp_path):
         {"dem_weights": {"a": 1.0, "b": 0.5}, "search": {"wall_s": 0.25}},
     )
     write_text(layout.table("05_dmix_best"), "dmix_2-1\n")
+    relative = pd.DataFrame({"source": NAMES, "relative": [0.01, 0.02]})
+    write_table(relative, layout.table("03_relative_norms"), index=False)
     return layout
 
 
@@ -105,6 +107,11 @@ def test_metrics_reports_each_method_on_its_own_model_and_the_cost_ratio(layout)
     assert metrics["methods"]["dmix_uniform"]["test"] == {"a": 0.7, "b": 0.7}
     json.dumps(metrics)  # plain JSON types only: no numpy scalars written as strings
     assert build_metrics(chapters, NAMES, "")["methods"]["dem"]["composite"] is None
+    assert metrics["vectors"] == {"relative_norm": {"a": 0.01, "b": 0.02}, "barrier": None}
+    barriers = pd.DataFrame({"pair": ["a → b"], "barrier": [0.5]})
+    write_table(barriers, layout.table("03_barriers"), index=False)
+    with_barriers = build_metrics(ChapterResults.load(layout), NAMES, "c")
+    assert with_barriers["vectors"]["barrier"] == {"a → b": 0.5}
     table = metrics_table(metrics)
     assert list(table.index) == list(metrics["methods"])
     assert table.loc["dmix_best", "train_tokens"] == 800
@@ -113,7 +120,11 @@ def test_metrics_reports_each_method_on_its_own_model_and_the_cost_ratio(layout)
 def test_claims_are_computed_from_the_metrics_as_they_are(layout):
     metrics = build_metrics(ChapterResults.load(layout), NAMES, "c")
     checks = claims(metrics).set_index("claim")
-    assert list(checks["holds"]) == [True, False, True, False]
+    assert list(checks["holds"]) == [True, True, False, True, False, True]
+    uniform = checks.loc["DEM average ≥ DMix uniform average (equal training budget)"]
+    assert uniform["dem"] == pytest.approx(0.79) and uniform["reference"] == pytest.approx(0.7)
+    composite = checks.loc["DEM on c above every individual model"]
+    assert composite["dem"] == 0.5 and composite["reference"] == 0.2
     assert checks.loc["DEM average ≥ best DMix average", "reference"] == pytest.approx(0.7)
     cost = checks.loc["DEM training cost ≤ 1/3 of the DMix ratio search"]
     assert cost["dem"] == 400 and cost["reference"] == pytest.approx(800 / 3)

@@ -134,3 +134,53 @@ def test_apply_method_leaves_the_stored_vectors_alone():
         merger.apply_method("slerp", [0.5, 0.5])
     with pytest.raises(DemError, match="density 2.0 must be in"):
         merger.apply_method("ties", [0.5, 0.5], density=2.0)
+
+
+@pytest.mark.parametrize("strategy", ["grid", "random", "coordinate"])
+@pytest.mark.parametrize("minimize", [True, False])
+def test_a_search_never_scores_below_the_best_individual(strategy, minimize):
+    # Merges score badly and one individual (w = one-hot on "b") best: a random draw or a
+    # coordinate sweep from 1/K would never land on it, so the guard must add it.
+    def score(w):
+        one_hot = sorted(w.values()) == [0.0, 0.0, 1.0]
+        good = {"a": 0.6, "b": 0.9, "c": 0.7}
+        value = max(good[k] for k, x in w.items() if x == 1.0) if one_hot else 0.1
+        return {"objective": -value if minimize else value}
+
+    trials = search_weights(
+        score, ["a", "b", "c"], strategy, values=[0.0, 0.4], n_trials=5, minimize=minimize
+    )
+    assert best_weights(trials) == {"a": 0.0, "b": 1.0, "c": 0.0}
+    off = search_weights(
+        score,
+        ["a", "b", "c"],
+        strategy,
+        values=[0.0, 0.4],
+        n_trials=5,
+        minimize=minimize,
+        include_individuals=False,
+    )
+    assert best_weights(off) != {"a": 0.0, "b": 1.0, "c": 0.0}, "the test scorer is too easy"
+
+
+def test_the_individual_candidates_are_the_fine_tuned_models_exactly():
+    base, a, b = (_tiny_llama(s) for s in (0, 1, 2))
+    tuned = {"a": a, "b": b}
+    tokens = torch.randint(0, 40, (4, 12), generator=torch.Generator().manual_seed(0))
+
+    def loss(model):
+        with torch.no_grad():
+            return float(model(input_ids=tokens, labels=tokens).loss)
+
+    individual = {name: loss(model) for name, model in tuned.items()}
+    merger = InMemoryMerge(base, {n: _vector(base, m) for n, m in tuned.items()})
+
+    def score(w):
+        merger.apply(w)
+        return {"objective": loss(merger.model)}
+
+    trials = search_weights(score, ["a", "b"], "random", n_trials=3, seed=0)
+    scored = {tuple(r[["w_a", "w_b"]]): r.objective for _, r in trials.iterrows()}
+    assert scored[(1.0, 0.0)] == pytest.approx(individual["a"], abs=1e-5)
+    assert scored[(0.0, 1.0)] == pytest.approx(individual["b"], abs=1e-5)
+    assert trials.objective.iloc[0] <= min(individual.values()) + 1e-5

@@ -466,3 +466,33 @@ def test_pretraining_text_deterministic_and_sized():
     docs = pretraining_text(20_000, seed=0)
     assert docs == pretraining_text(20_000, seed=0) != pretraining_text(20_000, seed=1)
     assert 20_000 <= sum(len(d) + 2 for d in docs) < 20_000 + 2 * max(map(len, docs))
+
+
+def test_knowledge_corpus_has_the_skills_but_no_source_wording_and_no_held_out_item():
+    from dem.sources import knowledge
+
+    docs = knowledge.pretraining_text(200_000, seed=0)
+    assert (
+        docs
+        == knowledge.pretraining_text(200_000, seed=0)
+        != knowledge.pretraining_text(200_000, seed=1)
+    )
+    text = "\n\n".join(docs)
+    # the knowledge and the neutral answer layout are there ...
+    assert "lives in" in text and "Backwards," in text and "\n=> " in text and "Sums: " in text
+    # ... but no source's wording: no instruction tag, question, '####' or 'How many'
+    for marker in ("[reverse]", "[sort letters]", "[uppercase]", "[count letters]", "?",
+                   "####", "How many", "Say the", "Tell me"):  # fmt: skip
+        assert marker not in text, marker
+    # no validation/test sum of arithmetic, in either order, as an equation or a request
+    for seed in range(3):
+        for split in ("validation", "test"):
+            for ex in get_source("arithmetic", seed=seed).examples(split):
+                a, b = ex.prompt[:-1].split("+")
+                total = int(a) + int(b)
+                for shown in (f"{a}+{b}={total}", f"{b}+{a}={total}", f"add {a} and {b}\n",
+                              f"add {b} and {a}\n"):  # fmt: skip
+                    assert shown not in text, (seed, split, shown)
+    words = {ex.prompt.split("] ")[1] for ex in get_source("word_edit").examples("test")}
+    requested = set(re.findall(r"(?:backwards|capitals|letters in order): (\w+)\n", text))
+    assert requested and not words & requested

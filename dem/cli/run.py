@@ -16,18 +16,60 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--params",
-        metavar="FILE",
-        help="YAML parameter set (default: notebooks/params/default.yaml; also smoke.yaml, "
-        "gpu.yaml, smollm2.yaml)",
+        metavar="NAME|FILE",
+        help="a shipped parameter set by name (default, scratch, smoke, ...; see --list) or a "
+        "YAML file (default: default)",
     )
     p.add_argument("--out", metavar="DIR", help="run folder (default: runs/<params name>)")
     p.add_argument("--force", action="store_true", help="rerun every step, even the unchanged ones")
+    p.add_argument("--seed", type=int, help="override the parameter set's seed")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--only", metavar="NN",
+                       help="rerun one chapter (e.g. 04), reusing the finished earlier ones")  # fmt: skip
+    which.add_argument("--from", dest="start", metavar="NN",
+                       help="rerun this chapter and every later one, reusing the earlier ones")  # fmt: skip
+    which.add_argument("--list", action="store_true",
+                       help="list the chapters and the shipped parameter sets, then exit")  # fmt: skip
     p.set_defaults(func=_run)
+
+    p = sub.add_parser(
+        "seeds",
+        help="run the whole pipeline once per seed and report mean ± std",
+        description="Run `dem run` once per seed into OUT/seed-N (finished steps are skipped, "
+        "so an interrupted series resumes), then write OUT/summary.csv and OUT/summary.md: "
+        "per method, the mean and standard deviation over seeds of each test score, the "
+        "average, the composite set and the training tokens.",
+    )
+    p.add_argument("--params", metavar="FILE", help="YAML parameter set (as for dem run)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="N",
+                   help="seeds to run (default: 0 1 2)")  # fmt: skip
+    p.add_argument("--out", metavar="DIR", required=True, help="folder of the seed runs")
+    p.set_defaults(func=_seeds)
+
+
+def _seeds(args: argparse.Namespace) -> int:
+    from dem.seeds import run_seeds
+
+    run_seeds(args.params, args.out, args.seeds)
+    print(f"summary: {args.out}/summary.md")
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
     from dem import pipeline
 
-    run_dir = pipeline.run(args.params, args.out, force=args.force)
+    if args.list:
+        print("chapters:")
+        for name, title in pipeline.chapters():
+            print(f"  {name:<26} {title}")
+        print("parameter sets (--params NAME):")
+        for name, line in pipeline.parameter_sets():
+            print(f"  {name:<26} {line}")
+        return 0
+    overrides = {} if args.seed is None else {"seed": args.seed}
+    run_dir = pipeline.run(
+        args.params, args.out, force=args.force, overrides=overrides, only=args.only,
+        start=args.start,
+    )  # fmt: skip
     print(f"run finished: {run_dir} (open it with: jupyter lab {run_dir})")
     return 0

@@ -13,7 +13,7 @@ from typing import Any
 
 from dem import models as dem_models
 from dem.data import build_tiny_tokenizer, pad_batch
-from dem.sources.pretraining import CORPUS_VERSION, pretraining_text
+from dem.sources import knowledge, pretraining
 from dem.training.loop import accelerator_for, train_loop, transformers_bars
 from dem.training.runs import complete, prepare_synced, start_run, training_record
 from dem.training.schedule import build_schedule
@@ -54,7 +54,8 @@ def pretrain(
     """
     s = (settings or PretrainSettings()).updated(**overrides)
     out = Path(out_dir)
-    params = s.parameters(CORPUS_VERSION)
+    corpus = {"generic": pretraining, "knowledge": knowledge}[s.corpus]
+    params = s.parameters(corpus.CORPUS_VERSION)
     accelerator = accelerator_for(s.device)
     work, cached = prepare_synced(accelerator, out, params, overwrite, replace)
     if cached is not None:
@@ -75,9 +76,9 @@ def pretrain(
     world = accelerator.num_processes
     n_blocks = s.steps * s.batch_size * world
     # ~10% more text than needed, so the packed blocks cover the run without repeats.
-    train_text = pretraining_text(int(n_blocks * s.seq_len * 1.1), s.seed)
+    train_text = corpus.pretraining_text(int(n_blocks * s.seq_len * 1.1), s.seed)
     train_blocks = pack(tokenizer, train_text, s.seq_len)
-    val_text = pretraining_text(64 * s.seq_len, s.seed + 1_000_003)
+    val_text = corpus.pretraining_text(64 * s.seq_len, s.seed + 1_000_003)
     val_blocks = pack(tokenizer, val_text, s.seq_len)
     lengths = {"text": [s.seq_len] * len(train_blocks)}
     schedule = build_schedule(

@@ -50,14 +50,24 @@ def normalize_mixture(mixture: Mapping[str, float]) -> dict[str, float]:
 
 
 def sample_sources(mixture: Mapping[str, float], n: int, seed: int) -> list[str]:
-    """The DMix sampler: the source of each of ``n`` example slots, drawn by the ratios.
+    """The DMix sampler: the source of each of ``n`` example slots, in the mixture's ratios.
 
-    ``random.Random`` with a string seed is stable across platforms and Python versions.
+    Counts are exact, not drawn: each source gets ``n * ratio`` slots rounded by largest
+    remainder, then the slots are shuffled. So a uniform mixture of K sources trained for the
+    steps of K equal fine-tunes sees, source by source, exactly the examples (and tokens) the
+    fine-tunes saw -- the equal budget DEM is compared at -- and no comparison rests on the luck
+    of a draw. ``random.Random`` with a string seed is stable across platforms and versions.
     """
     ratios = normalize_mixture(mixture)
     names = sorted(ratios)  # fixed order: the result must not depend on dict order
-    rng = random.Random(f"dem-mixture/{seed}")
-    return rng.choices(names, weights=[ratios[k] for k in names], k=n)
+    exact = {k: n * ratios[k] for k in names}
+    counts = {k: int(exact[k]) for k in names}
+    by_remainder = sorted(names, key=lambda k: (-(exact[k] - counts[k]), k))
+    for k in by_remainder[: n - sum(counts.values())]:
+        counts[k] += 1
+    slots = [k for k in names for _ in range(counts[k])]
+    random.Random(f"dem-mixture/{seed}").shuffle(slots)
+    return slots
 
 
 def _epoch_order(n: int, seed: int, name: str, epoch: int) -> list[int]:

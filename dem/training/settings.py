@@ -68,6 +68,14 @@ def _module_names(name: str, value: Any) -> None:
         )
 
 
+CORPORA = ("generic", "knowledge")
+
+
+def _corpus(name: str, value: Any) -> None:
+    if value not in CORPORA:
+        raise DemError(f"{name} must be one of {', '.join(CORPORA)}, got {value!r}")
+
+
 def setting(
     default: Any,
     help: str,
@@ -272,6 +280,13 @@ class PretrainSettings(Settings):
     lr: float = setting(1e-3, "peak AdamW learning rate (cosine decay)")
     warmup_steps: int = setting(30, "linear warmup steps")
     seed: int = setting(0, "seed of initialisation, text and order")
+    corpus: str = setting(
+        "generic",
+        "pretraining text: generic (prose only: the base knows no skill, the from-scratch "
+        "contrast) or knowledge (prose, the sources' knowledge in raw form and requests in "
+        "other words: the faithful regime's base, see dem/sources/knowledge.py)",
+        check=_corpus,
+    )
     hidden_size: int = setting(128, "model width")
     num_layers: int = setting(4, "transformer layers")
     num_heads: int = setting(4, "attention heads")
@@ -293,6 +308,7 @@ class PretrainSettings(Settings):
     # Notebooks share batch_size, learning_rate, ... with fine-tuning, so only these are read.
     NOTEBOOK_NAMES: ClassVar[Mapping[str, str]] = {
         "pretrain_steps": "steps",
+        "pretrain_corpus": "corpus",
         "seed": "seed",
         "device": "device",
     }
