@@ -216,7 +216,6 @@ def swap_source(
         source_kwargs=run.source_kwargs,
         custom_sources=run.custom_sources,
         replace=True,
-        progress=False,
     )
     vectors.extract_vector(
         layout.base,

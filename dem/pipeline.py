@@ -19,6 +19,7 @@ import yaml
 
 from dem import DemError
 from dem.io import write_json
+from dem.execute import run_notebook
 from dem.layout import RunLayout
 from dem.provenance import provenance
 
@@ -118,6 +119,7 @@ def run(
     notebook_dir: str | Path = NOTEBOOKS,
     only: str | None = None,
     start: str | None = None,
+    quiet: bool = False,
     log=print,
 ) -> Path:
     """Execute every notebook in order into ``out``; return the run folder.
@@ -125,6 +127,7 @@ def run(
     ``only="04"`` reruns chapter 04 alone and ``start="04"`` chapter 04 and every later one,
     whether or not they changed; the chapters before must already be finished in ``out`` with
     the same notebooks and parameters (they are reused, never silently recomputed).
+    ``quiet``: only one line per chapter, no section lines and no progress bars (CI logs).
     """
     import papermill as pm
 
@@ -203,15 +206,7 @@ def run(
         log(f"[dem run] {step}: running")
         t0 = time.perf_counter()
         try:
-            pm.execute_notebook(
-                str(nb),
-                str(executed),
-                parameters=nb_params,
-                kernel_name="python3",
-                cwd=str(run_dir),
-                progress_bar=False,
-                log_output=False,
-            )
+            run_notebook(nb, executed, nb_params, run_dir, log=log, quiet=quiet)
         except pm.PapermillExecutionError as err:
             manifest["steps"][step] = {"key": None, "failed": True}
             write_json(manifest_path, manifest)

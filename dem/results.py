@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from dem import DemError
+from dem import DemError, progress
 from dem.io import atomic_file
 from dem.layout import RunLayout
 
@@ -42,7 +42,8 @@ def evaluate_folders(
     from dem.models import load_model
 
     tables = []
-    for name, folder in folders.items():
+    for name, folder in progress.bar(folders.items(), desc=f"evaluating on {split}", unit="model",
+                                     total=len(folders), leave=False):  # fmt: skip
         model, tokenizer = load_model(str(folder), device=device)
         tables.append(
             evaluate(

@@ -23,6 +23,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", metavar="DIR", help="run folder (default: runs/<params name>)")
     p.add_argument("--force", action="store_true", help="rerun every step, even the unchanged ones")
     p.add_argument("--seed", type=int, help="override the parameter set's seed")
+    p.add_argument("--quiet", action="store_true",
+                   help="one line per chapter: no section lines, no progress bars (CI logs)")  # fmt: skip
     which = p.add_mutually_exclusive_group()
     which.add_argument("--only", metavar="NN",
                        help="rerun one chapter (e.g. 04), reusing the finished earlier ones")  # fmt: skip
@@ -69,7 +71,7 @@ def _run(args: argparse.Namespace) -> int:
     overrides = {} if args.seed is None else {"seed": args.seed}
     run_dir = pipeline.run(
         args.params, args.out, force=args.force, overrides=overrides, only=args.only,
-        start=args.start,
+        start=args.start, quiet=args.quiet,
     )  # fmt: skip
     print(f"run finished: {run_dir} (open it with: jupyter lab {run_dir})")
     return 0

@@ -11,6 +11,7 @@ autocast and data parallelism under ``accelerate launch`` / ``torchrun``.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
@@ -21,6 +22,7 @@ import torch
 
 from dem import DemError
 from dem import models as dem_models
+from dem import progress as dem_progress
 from dem.data import pad_batch
 from dem.evaluate import response_nll
 from dem.training.checkpoints import load_checkpoint, save_checkpoint
@@ -61,9 +63,13 @@ def accelerator_for(device: str) -> Any:
 
 @contextmanager
 def transformers_bars(enabled: bool) -> Iterator[None]:
-    """Silence transformers' own load/save progress bars when ours is off (notebooks, tests)."""
+    """Silence transformers' own load/save progress bars when ours is off (notebooks, tests).
+
+    Also under ``dem run``: those bars would land in the executed notebook, where ours do not.
+    """
     from transformers.utils import logging as hf_logging
 
+    enabled = enabled and not os.environ.get(dem_progress.PROGRESS_FILE)
     before = hf_logging.is_progress_bar_enabled()
     if not enabled:
         hf_logging.disable_progress_bar()
@@ -108,7 +114,6 @@ def train_loop(
     callback: Callable[[int, dict], None] | None,
 ) -> dict:
     """Run (or resume) the optimisation in ``work``; return the cost record."""
-    from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
     s = settings
@@ -148,10 +153,10 @@ def train_loop(
     def batch_of(i: int) -> dict[str, torch.Tensor]:
         return pad_batch([encoded[name][idx] for name, idx in schedule[i]], pad_id)
 
-    bar = tqdm(
+    bar = dem_progress.bar(
         total=steps,
         initial=start_step,
-        disable=not progress or not accelerator.is_main_process,
+        enabled=progress and accelerator.is_main_process,
         desc=f"training {work.name.removesuffix('.partial')}",
         unit="step",
     )
