@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 import dem
-from dem import DemError
+from dem import DemError, resources
 from dem.io import atomic_output_dir
 
 # The thread rule below was measured on the 2-vCPU machine this project is developed on, with a
@@ -311,7 +311,7 @@ def save_model(
 
 
 # Bases shipped with dem (``data/bases/NAME``), named ``dem:NAME`` wherever a base is expected.
-SHIPPED_BASES = Path(__file__).resolve().parents[1] / "data" / "bases"
+SHIPPED_BASES = resources.DATA / "bases"
 
 
 def shipped_base(source: str | Path) -> str | Path:

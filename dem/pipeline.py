@@ -17,15 +17,14 @@ from pathlib import Path
 
 import yaml
 
-from dem import DemError
-from dem.io import write_json
+from dem import DemError, resources
 from dem.execute import run_notebook
+from dem.io import write_json
 from dem.layout import RunLayout
 from dem.provenance import provenance
 
-REPO = Path(__file__).resolve().parents[1]
-NOTEBOOKS = REPO / "notebooks"
-PARAMS = NOTEBOOKS / "params"
+NOTEBOOKS = resources.NOTEBOOKS
+PARAMS = resources.PARAMS
 # Parameters dem run supplies itself; a parameter file must not set them.
 RESERVED = {"run_dir"}
 

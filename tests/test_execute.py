@@ -21,7 +21,11 @@ def _notebook(path):
         nbf.v4.new_markdown_cell("## 2. Second part"),
         nbf.v4.new_code_cell("x = 1"),
     ]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
     nbf.write(nb, path)
 
 

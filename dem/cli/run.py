@@ -48,6 +48,26 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", metavar="DIR", required=True, help="folder of the seed runs")
     p.set_defaults(func=_seeds)
 
+    p = sub.add_parser(
+        "publish",
+        help="write a finished run's chapters as Markdown with their figures (for docs/)",
+        description="Convert the executed notebooks of a finished run folder to Markdown (nbconvert) "
+        "with their figures as PNG files, plus metrics.json and an index with the run's "
+        "command, commit and wall times: readable on any Git host without running anything.",
+    )
+    p.add_argument("run_dir", metavar="RUN", help="a finished dem run folder")
+    p.add_argument("--out", metavar="DIR", required=True, help="output folder, e.g. docs/default")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=_publish)
+
+
+def _publish(args: argparse.Namespace) -> int:
+    from dem.publish import publish
+
+    out = publish(args.run_dir, args.out, overwrite=args.overwrite)
+    print(f"published: {out}/README.md")
+    return 0
+
 
 def _seeds(args: argparse.Namespace) -> int:
     from dem.seeds import run_seeds

@@ -14,11 +14,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from dem import DemError
+from dem import DemError, resources
 from dem.io import atomic_file
 from dem.sources.core import Example, generated, pooled
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "data"
+DATA_DIR = resources.DATA
 FACTS_CSV = DATA_DIR / "facts.csv"
 
 
