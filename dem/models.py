@@ -209,10 +209,10 @@ def resolve_package_path(path_or_id: str) -> str:
 
 
 def _split_gguf(path_or_id: str, gguf_file: str | None) -> tuple[str, str | None]:
-    """Accept ``folder`` + ``gguf_file`` or a direct path to a ``.gguf`` file."""
+    """Accept ``folder`` + ``gguf_file`` or a direct path to a ``.gguf`` file (or ``dem:NAME``)."""
     import importlib.util
 
-    path_or_id = resolve_package_path(path_or_id)
+    path_or_id = resolve_package_path(str(shipped_base(path_or_id)))
     path = Path(path_or_id)
     if gguf_file is None and path.suffix == ".gguf":
         if not path.is_file():
