@@ -115,8 +115,10 @@ def setup(params: Mapping[str, Any]) -> Run:
     built = [cap_new_tokens(s, p["max_new_tokens"]) for s in built]
     train_sources = built[: len(p["sources"])]
     device = models.pick_device(p["device"])
-    # see dem.models.default_cpu_threads
-    threads = models.set_cpu_threads(large_model=bool(p["base_model"]))
+    # see dem.models.default_cpu_threads; the shipped bases (dem:NAME) are tiny: one thread, as
+    # for a base built here (two threads per job oversubscribe two cores when jobs overlap).
+    large = bool(p["base_model"]) and not str(p["base_model"]).startswith("dem:")
+    threads = models.set_cpu_threads(large_model=large)
     plots.use_theme()
     print(f"device: {device}, CPU threads: {threads}, run folder: {layout.root.resolve()}")
     return Run(
