@@ -80,6 +80,27 @@ def between_fine_tunes(
     return pd.DataFrame(rows)
 
 
+def merge_gaps(straight: pd.DataFrame, between: pd.DataFrame) -> pd.DataFrame:
+    """Per pair: how much worse the best point between θᵢ and θⱼ is than the two experts.
+
+    ``expert`` is the mean of each source's validation loss under its own fine-tune (θᵢ on i,
+    θⱼ on j: what the two models together would give); ``best_mix`` the lowest mean loss on
+    the path θ0 + (1-s)·vᵢ + s·vⱼ; ``gap`` the difference. A gap near 0 means one model on the
+    path keeps both skills -- what DEM needs; a large gap means every mix loses most of them.
+    (The classic barrier, :func:`barriers`, can be 0 while the gap is large: when each end is
+    bad on the other's source, the line between the ends is already far above the experts.)
+    """
+    own = straight[(straight.t == 1.0) & (straight.vector == straight.source)]
+    own = own.set_index("source")["loss"]
+    rows = []
+    for pair, group in between.groupby("pair", sort=False):
+        i, j = pair.split(" → ")
+        expert = (own[i] + own[j]) / 2
+        best = float(group.loss.min())
+        rows.append({"pair": pair, "expert": expert, "best_mix": best, "gap": best - expert})
+    return pd.DataFrame(rows)
+
+
 def barriers(path: pd.DataFrame) -> pd.DataFrame:
     """Per pair: the endpoints' losses and the largest rise above the line joining them."""
     rows = []

@@ -35,6 +35,7 @@ TABLES = {
     "03_straight_path": ".csv",  # 03: validation loss along θ0 + t·v_i
     "03_between_fine_tunes": ".csv",  # 03: validation loss along θ_i -> θ_j
     "03_barriers": ".csv",  # 03 -> 06: the rise of that loss above the line between its ends
+    "03_merge_gaps": ".csv",  # 03 -> 06: best loss on that path minus the two experts' loss
     "04_dem_trials": ".csv",  # 04: every candidate of the DEM weight search
     "04_landscape": ".csv",  # 04: the objective over two sources' weights
     "04_merge_test": ".csv",  # 04 -> 06: test scores of DEM and the merging baselines

@@ -115,6 +115,7 @@ class ChapterResults:
     dmix_best: str  # 05: label of the DMix run chosen on validation
     relative_norms: pd.DataFrame  # 03: ‖v_i‖ / ‖θ0‖ per source
     barriers: pd.DataFrame | None  # 03: loss barrier between each pair of fine-tunes (if run)
+    merge_gaps: pd.DataFrame | None  # 03: best loss between two fine-tunes minus the experts'
 
     @classmethod
     def load(cls, layout: RunLayout) -> ChapterResults:
@@ -127,11 +128,8 @@ class ChapterResults:
             merge_settings=json.loads(layout.table("04_merge_settings").read_text()),
             dmix_best=layout.table("05_dmix_best").read_text().strip(),
             relative_norms=pd.read_csv(layout.table("03_relative_norms")),
-            barriers=(
-                pd.read_csv(layout.table("03_barriers"))
-                if layout.table("03_barriers").exists()
-                else None
-            ),
+            barriers=_optional_table(layout, "03_barriers"),
+            merge_gaps=_optional_table(layout, "03_merge_gaps"),
         )
 
     @property
@@ -157,6 +155,18 @@ class ChapterResults:
     def model_of(self, method: str) -> str:
         """The model (row of :attr:`accuracy`) a method of ``metrics.json`` reports."""
         return {"dmix_uniform": self.dmix_uniform, "dmix_best": self.dmix_best}.get(method, method)
+
+
+def _optional_table(layout: RunLayout, name: str) -> pd.DataFrame | None:
+    # Chapter 03 skips the path measurements when path_points is empty.
+    path = layout.table(name)
+    return pd.read_csv(path) if path.exists() else None
+
+
+def _by_pair(table: pd.DataFrame | None, column: str) -> dict | None:
+    if table is None:
+        return None
+    return dict(zip(table.pair, table[column].astype(float), strict=True))
 
 
 def method_costs(results: ChapterResults, names: Sequence[str]) -> dict[str, tuple]:
@@ -211,13 +221,8 @@ def build_metrics(results: ChapterResults, names: Sequence[str], composite: str 
                     strict=True,
                 )
             ),
-            "barrier": (
-                None
-                if results.barriers is None
-                else dict(
-                    zip(results.barriers.pair, results.barriers.barrier.astype(float), strict=True)
-                )
-            ),
+            "barrier": _by_pair(results.barriers, "barrier"),
+            "merge_gap": _by_pair(results.merge_gaps, "gap"),
         },
     }
 

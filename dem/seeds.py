@@ -17,7 +17,11 @@ from pathlib import Path
 import pandas as pd
 
 from dem import DemError
+from dem.connectivity import merge_gaps
 from dem.io import write_text
+
+# Rows of the summary that describe the vectors, not a method's scores (chapter 03).
+DIAGNOSTICS = ("‖v‖/‖θ0‖", "merge gap (nats)")
 
 
 def run_seeds(
@@ -54,8 +58,16 @@ def collect(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
             ]
         for source, ratio in (metrics.get("vectors") or {}).get("relative_norm", {}).items():
             rows.append(
-                {"run": run_dir.name, "method": "‖v‖/‖θ0‖", "column": source, "value": ratio}
+                {"run": run_dir.name, "method": DIAGNOSTICS[0], "column": source, "value": ratio}
             )
+        tables = run_dir / "tables"
+        straight, between = tables / "03_straight_path.csv", tables / "03_between_fine_tunes.csv"
+        if straight.is_file() and between.is_file():
+            gaps = merge_gaps(pd.read_csv(straight), pd.read_csv(between))
+            rows += [
+                {"run": run_dir.name, "method": DIAGNOSTICS[1], "column": r.pair, "value": r.gap}
+                for r in gaps.itertuples()
+            ]
     return pd.DataFrame(rows)
 
 
@@ -67,8 +79,17 @@ def summarize(long: pd.DataFrame) -> pd.DataFrame:
 
 
 def as_markdown(summary: pd.DataFrame, digits: int = 3) -> str:
-    """Methods × columns, each cell ``mean ± std`` (tokens as integers)."""
+    """Methods × columns, each cell ``mean ± std`` (tokens as integers); then the diagnostics."""
+    diagnostics = summary.method.isin(DIAGNOSTICS)
+    text = _table(summary[~diagnostics], digits)
+    for name in DIAGNOSTICS:
+        part = summary[summary.method == name]
+        if len(part):
+            text += f"\n{name}:\n\n" + _table(part, digits)
+    return text
 
+
+def _table(summary: pd.DataFrame, digits: int) -> str:
     def cell(row) -> str:
         if row.column == "train_tokens":
             return f"{row['mean']:,.0f}"

@@ -107,7 +107,11 @@ def test_metrics_reports_each_method_on_its_own_model_and_the_cost_ratio(layout)
     assert metrics["methods"]["dmix_uniform"]["test"] == {"a": 0.7, "b": 0.7}
     json.dumps(metrics)  # plain JSON types only: no numpy scalars written as strings
     assert build_metrics(chapters, NAMES, "")["methods"]["dem"]["composite"] is None
-    assert metrics["vectors"] == {"relative_norm": {"a": 0.01, "b": 0.02}, "barrier": None}
+    assert metrics["vectors"] == {
+        "relative_norm": {"a": 0.01, "b": 0.02},
+        "barrier": None,
+        "merge_gap": None,
+    }
     barriers = pd.DataFrame({"pair": ["a → b"], "barrier": [0.5]})
     write_table(barriers, layout.table("03_barriers"), index=False)
     with_barriers = build_metrics(ChapterResults.load(layout), NAMES, "c")
