@@ -218,7 +218,7 @@ write = safetensors_io.ShardedWriter.write_chunks
 def slow(self, name, chunks):
     write(self, name, chunks)
     print("writing", flush=True)
-    time.sleep(0.2)  # a merge that takes long enough to be interrupted
+    time.sleep(5)  # a merge that takes long enough to be interrupted (seconds: CI may be busy)
 safetensors_io.ShardedWriter.write_chunks = slow
 sys.exit(main(sys.argv[1:]))
 """

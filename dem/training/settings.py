@@ -286,6 +286,7 @@ class PretrainSettings(Settings):
         "contrast) or knowledge (prose, the sources' knowledge in raw form and requests in "
         "other words: the faithful regime's base, see dem/sources/knowledge.py)",
         check=_corpus,
+        recorded=False,  # recorded by parameters() only when not generic, see there
     )
     hidden_size: int = setting(128, "model width")
     num_layers: int = setting(4, "transformer layers")
@@ -324,4 +325,8 @@ class PretrainSettings(Settings):
         """What the run records: the settings and the version of the generated corpus."""
         params = {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["recorded"]}
         params["intermediate_size"] = self.intermediate_size or 2 * self.hidden_size
+        # Like LoRA for fine-tunes: the generic corpus is what bases were always built from, so
+        # it is left out and their records (and cached runs) stay as they were.
+        if self.corpus != "generic":
+            params["corpus"] = self.corpus
         return {"corpus_version": corpus_version, **params}
