@@ -211,7 +211,9 @@ def test_mismatched_tensors_and_nan(zoo, tmp_path, capsys):
 
 
 SLOW_MERGE = """
-import sys, time
+import signal, sys, time
+# A background job (nohup, CI runners) may start with SIGINT ignored: take Python's default.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from dem import safetensors_io
 from dem.cli import main
 write = safetensors_io.ShardedWriter.write_chunks
