@@ -115,8 +115,8 @@ def setup(params: Mapping[str, Any]) -> Run:
     built = [cap_new_tokens(s, p["max_new_tokens"]) for s in built]
     train_sources = built[: len(p["sources"])]
     device = models.pick_device(p["device"])
-    # see dem.models.default_cpu_threads; the shipped bases (dem:NAME) are tiny: one thread, as
-    # for a base built here (two threads per job oversubscribe two cores when jobs overlap).
+    # see dem.models.default_cpu_threads; the shipped bases (dem:NAME) are tiny and follow the
+    # rule for a base built here.
     large = bool(p["base_model"]) and not str(p["base_model"]).startswith("dem:")
     threads = models.set_cpu_threads(large_model=large)
     plots.use_theme()

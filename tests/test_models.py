@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -25,12 +26,34 @@ def test_pick_device_and_dtype():
     assert dem_models.pick_dtype("cpu") == torch.float32
 
 
-@pytest.mark.parametrize("cores, expected", [(1, 1), (2, 1), (4, 2), (16, 8), (64, 8)])
-def test_default_thread_rule(monkeypatch, cores, expected):
+@pytest.mark.parametrize(
+    "cores, policy, expected",
+    [(1, "PASSIVE", 1), (2, "PASSIVE", 2), (2, "passive", 2), (2, "ACTIVE", 1), (2, None, 1),
+     (4, "PASSIVE", 2), (16, "PASSIVE", 8), (64, None, 8)],
+)  # fmt: skip
+def test_default_thread_rule(monkeypatch, cores, policy, expected):
     monkeypatch.delenv("DEM_NUM_THREADS", raising=False)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    if policy is None:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    else:
+        monkeypatch.setenv("OMP_WAIT_POLICY", policy)
     monkeypatch.setattr(dem_models, "_usable_cores", lambda: cores)
     assert dem_models.default_cpu_threads() == expected
+
+
+def test_import_sets_passive_waiting():
+    # a fresh interpreter: `import dem` chooses passive waiting unless the user chose already
+    import subprocess
+    import sys
+
+    code = "import os, dem; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "PASSIVE"
+    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "ACTIVE"
 
 
 def test_thread_environment_variables(monkeypatch):
