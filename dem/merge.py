@@ -1,9 +1,11 @@
 """The streaming merge: any method of :mod:`dem.methods`, applied one tensor at a time from files.
 
-Reads each input's tensor as a view of its file, hands the method the vectors v_i = θ_i − θ0
-of that tensor (whole, or in chunks when the method is element-wise) and writes the result
-straight into the output's safetensors files, so memory stays at a few tensors whatever the
-model size. Inputs and the output's record are handled by :mod:`dem.merge_io`.
+Reads each tensor in blocks of whole rows (views of the files), hands the method the vectors
+v_i = θ_i − θ0 of each block and writes the result straight into the output's safetensors
+files, so memory stays at a few blocks per model whatever the model size. A method that needs
+a whole-tensor statistic (TIES's magnitude threshold, Model Stock's cosine) gets a first pass
+over the blocks. Every byte read is hashed on the way (:mod:`dem.hashing`), so a merge reads
+each input once. Inputs and the output's record are handled by :mod:`dem.merge_io`.
 """
 
 from __future__ import annotations
@@ -28,11 +30,12 @@ from dem.merge_io import (
     open_input,
     parse_size,
 )
+from dem.merge_steps import TensorState
 from dem.methods import Method, check_weights, get_method, resolve_params, tensor_generator
 from dem.safetensors_io import DTYPES, ShardedWriter, WeightFolder, _nbytes
 
 Tensor = torch.Tensor
-CHUNK = 1 << 22  # elements per step (16 MiB in float32): large enough to amortise overheads
+CHUNK = 1 << 20  # elements per block (4 MiB in float32): large enough to amortise overheads
 
 
 class _Scratch:
@@ -87,6 +90,7 @@ def _merge(base, models, out, *, method, dtype, overwrite, compute_dtype, progre
     started = time.time()
     m = get_method(method)
     check_weights([w for _, w in models], [f"model {path}" for path, _ in models])
+    m.check_models(len(models))
     params = resolve_params(m, params)
     if compute_dtype not in (torch.float32, torch.float64):
         raise DemError(f"compute dtype must be float32 or float64, not {compute_dtype}")
@@ -99,16 +103,19 @@ def _merge(base, models, out, *, method, dtype, overwrite, compute_dtype, progre
     base_weights = WeightFolder(base, role="base")
     if (base / VECTOR_MARKER).exists():
         raise DemError(f"base {base} is a vector folder; the base must be a model folder")
-    inputs = [open_input(base_weights, Path(p), float(w)) for p, w in models]
-    folders = [base_weights, *(inp.weights for inp in inputs)]
-    for folder in folders:
-        folder.start_hashing()  # on spare cores, while the merge runs
-
-    specs = []
-    for name, info in base_weights.tensors.items():
-        specs.append((name, out_dtype if info.is_float and out_dtype else info.dtype, info.shape))
-    scratch = _Scratch(compute_dtype)
+    inputs: list[MergeInput] = []
+    folders = [base_weights]
     try:
+        for p, w in models:
+            inputs.append(open_input(base_weights, Path(p), float(w)))
+            folders.append(inputs[-1].weights)
+        for folder in folders:
+            folder.start_hashing()  # every byte the merge reads is hashed as it goes by
+        specs = []
+        for name, info in base_weights.tensors.items():
+            specs.append((name, out_dtype if info.is_float and out_dtype else info.dtype,
+                          info.shape))  # fmt: skip
+        streamer = _Streamer(base_weights, inputs, m, params, _Scratch(compute_dtype))
         with atomic_output_dir(out, overwrite=overwrite) as tmp:
             writer = ShardedWriter(tmp, specs, max_shard_bytes=shard_bytes,
                                    metadata={"dem_method": method})  # fmt: skip
@@ -116,18 +123,10 @@ def _merge(base, models, out, *, method, dtype, overwrite, compute_dtype, progre
                        desc=f"dem merge ({method})", disable=not progress)  # fmt: skip
             with bar:
                 for name, out_dtype_name, shape in specs:
-                    cast = DTYPES[out_dtype_name]
                     if not base_weights.tensors[name].is_float:  # e.g. position ids: copied as is
                         writer.write(name, base_weights.tensor(name))
-                    elif m.elementwise:  # in chunks: the working set is a few chunks
-                        n = math.prod(shape)
-                        spans = ((lo, min(lo + CHUNK, n)) for lo in range(0, n, CHUNK))
-                        writer.write_chunks(name, (_merge_span(name, span, base_weights, inputs,
-                                                               m, params, scratch, cast)
-                                                   for span in spans))  # fmt: skip
                     else:
-                        writer.write(name, _merge_span(name, None, base_weights, inputs, m, params,
-                                                       scratch, cast))  # fmt: skip
+                        writer.write_chunks(name, streamer.tensor(name, DTYPES[out_dtype_name]))
                     for folder in folders:
                         folder.release()
                     bar.update(_nbytes(out_dtype_name, shape))
@@ -137,60 +136,88 @@ def _merge(base, models, out, *, method, dtype, overwrite, compute_dtype, progre
                                   compute_dtype, time.time() - started)  # fmt: skip
             write_json(tmp / MERGE_RECORD, record)
     finally:
-        for folder in folders:  # also on errors: unmap files, let the hashing threads finish
+        for folder in folders:  # also on errors: unmap files, stop hashing
             folder.close()
     return out
 
 
-def _merge_span(name, span, base, inputs, m: Method, params, scratch, out_dtype) -> Tensor:
-    """Merge elements ``span = (lo, hi)`` of a flattened tensor (``None``: the whole tensor),
-    check the result is finite, cast it to the output dtype."""
-    lo, hi = span or (0, None)
-    view = base.tensor(name, lo, hi)
-    theta0 = view if view.dtype == scratch.dtype else scratch.get("base", view.shape).copy_(view)
-    w = [inp.weight for inp in inputs]
-    xs = _operands(name, lo, hi, theta0, inputs, m, scratch)
-    out = scratch.get("acc", theta0.shape) if m.one_at_a_time else None
-    result = m.merge(theta0, xs, w, params, tensor_generator(m, params, name), out=out)
-    if not torch.isfinite(result.sum()):
-        raise _nonfinite(name, base, inputs)
-    result = result.to(out_dtype)
-    # every folder's views of this span can go now, except the result itself
-    for folder in (base, *inputs):
-        folder.release()
-    return result
+class _Streamer:
+    """Merges one tensor at a time in blocks of whole rows, running the method's statistics
+    pass first when it has one; every pass reads the blocks again (from the page cache)."""
 
+    def __init__(self, base: WeightFolder, inputs: list[MergeInput], m: Method, params, scratch):
+        self.base, self.inputs, self.m, self.params, self.scratch = base, inputs, m, params, scratch
+        self.w = [inp.weight for inp in inputs]
 
-def _operands(name, lo, hi, theta0, inputs: list[MergeInput], m: Method, scratch) -> Iterator:
-    """What the method takes for each input, in compute dtype: v_i (θ_i for a method on models).
+    def tensor(self, name: str, out_dtype: torch.dtype) -> Iterator[Tensor]:
+        shape = self.base.tensors[name].shape
+        numel = math.prod(shape)
+        rows = shape[0] if len(shape) >= 2 else 1
+        cols = numel // rows if rows else 0
+        step = max(1, CHUNK // max(cols, 1))
+        blocks = [(r0, min(r0 + step, rows)) for r0 in range(0, rows, step)]
+        m = self.m
+        state = TensorState(numel, len(self.inputs), tensor_generator(m, self.params, name),
+                            out=None)  # fmt: skip
+        if m.stats is not None:
 
-    A file view is handed over as is where the method writes nothing and the dtype already
-    fits; a method that takes one input at a time gets one scratch buffer, refilled per input.
-    """
-    tmp = scratch.get("tmp", theta0.shape) if m.one_at_a_time else None
-    for inp in inputs:
-        x = inp.tensor(name, lo, hi)  # a view of the file: read, never written
-        if inp.is_vector == m.on_models:  # v_i from a model folder, or θ_i from a vector folder
-            y = torch.add(theta0, x, out=tmp) if inp.is_vector else torch.sub(x, theta0, out=tmp)
-        elif tmp is None:  # a tensor of its own: the method holds every input at once
-            y = x.to(theta0.dtype, copy=True)
-        elif x.dtype != theta0.dtype or m.overwrites:
-            y = tmp.copy_(x)
-        else:
-            y = x
-        # A method that holds every input at once (TIES) may trim a NaN away, so check each
-        # input here; a sum carries it into the result, which is checked after.
-        if tmp is None and not torch.isfinite(y.sum()) and not torch.isfinite(y).all():
-            raise DemError(f"{inp.file(name)}: tensor {name!r} contains NaN or Inf")
-        yield y
+            def passes():
+                state.new_pass()
+                for r0, r1 in blocks:
+                    yield self._read(name, r0, r1, cols, shared=False)
+                    self._release()
+
+            state.stats = m.stats(passes, self.w, self.params, state)
+        state.new_pass()
+        for r0, r1 in blocks:
+            theta0, xs = self._read(name, r0, r1, cols, shared=m.one_at_a_time)
+            state.out = self.scratch.get("acc", theta0.shape) if m.one_at_a_time else None
+            result = m.fn(theta0, xs, self.w, self.params, state)
+            if not torch.isfinite(result.sum()):
+                raise _nonfinite(name, self.base, self.inputs)
+            yield result.to(out_dtype)  # written before the next block reuses the scratch
+            self._release()
+
+    def _read(self, name, r0, r1, cols, *, shared: bool):
+        """θ0 and the operands of rows r0:r1, in compute dtype.
+
+        ``shared``: the method takes one operand at a time, so all share one scratch buffer
+        (handed out lazily); otherwise each has its own, checked for NaN/Inf, because a method
+        that masks entries could otherwise hide one.
+        """
+        view = self.base.tensor(name, r0 * cols, r1 * cols).view(r1 - r0, cols)
+        dtype = self.scratch.dtype
+        theta0 = view if view.dtype == dtype else self.scratch.get("base", view.shape).copy_(view)
+        on_models = self.m.on_models
+        if shared:
+            tmp = self.scratch.get("tmp", theta0.shape)
+            ops = (
+                i.operand(name, r0, r1, theta0, on_models=on_models, out=tmp) for i in self.inputs
+            )
+            return theta0, ops
+        ops = []
+        for k, inp in enumerate(self.inputs):
+            x = inp.operand(name, r0, r1, theta0, on_models=on_models,
+                            out=self.scratch.get(f"x{k}", theta0.shape))  # fmt: skip
+            if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():
+                raise DemError(f"{inp.file(name)}: tensor {name!r} contains NaN or Inf")
+            ops.append(x)
+        return theta0, ops
+
+    def _release(self) -> None:
+        # every folder's views of this block can go now (the result is a copy or scratch)
+        for folder in (self.base, *self.inputs):
+            folder.release()
 
 
 def _nonfinite(name: str, base: WeightFolder, inputs: list[MergeInput]) -> DemError:
     """Name the input file and tensor holding NaN/Inf (found only once the result shows one)."""
-    for folder, tensor_name in [
-        (base, name),
-        *((i.weights, i.alias.get(name, name)) for i in inputs),
-    ]:
+    suspects = [(base, name)]
+    for inp in inputs:
+        pair = inp.adapter.pairs.get(name) if inp.adapter else None
+        names = (pair.a, pair.b) if pair else () if inp.adapter else (inp.alias.get(name, name),)
+        suspects += [(inp.weights, n) for n in names]
+    for folder, tensor_name in suspects:
         if not torch.isfinite(folder.tensor(tensor_name)).all():
             return DemError(
                 f"{folder.tensors[tensor_name].file}: tensor {tensor_name!r} contains NaN or Inf"

@@ -1,7 +1,9 @@
 """What surrounds a merge's arithmetic: its inputs, checked against the base, and its record.
 
-An input is a model folder (θ_i) or a vector folder (v_i, written by ``dem vectors extract``);
-every tensor of the base must be there with the same shape, allowing for tied embeddings. The
+An input is a model folder (θ_i), a vector folder (v_i, written by ``dem vectors extract``) or a
+peft LoRA adapter folder (v_i = s·B·A, :mod:`dem.adapters`); every tensor of the base must be
+there with the same shape, allowing for tied embeddings. :meth:`MergeInput.operand` hands the
+merge rows of v_i (or θ_i) whatever the kind. The
 output takes its config and tokenizer from the base, and ``dem_merge.json`` records the method,
 weights, parameters, the inputs' content hashes and the shared provenance record.
 """
@@ -17,6 +19,7 @@ from pathlib import Path
 import torch
 
 from dem import DemError
+from dem.adapters import LoraAdapter, is_adapter
 from dem.io import write_json
 from dem.provenance import provenance
 from dem.safetensors_io import DTYPE_NAMES, DTYPES, WeightFolder
@@ -38,27 +41,56 @@ COPIED_GLOBS = ("tokenizer*", "vocab*")
 
 @dataclass
 class MergeInput:
-    """One input of a merge: a model folder (θ_i) or a saved vector folder (v_i), with its weight."""
+    """One input of a merge: a model (θ_i), a saved vector (v_i) or a LoRA adapter, and its weight."""
 
     path: Path
     weight: float
     weights: WeightFolder
-    is_vector: bool
+    is_vector: bool  # holds v_i (a vector folder or an adapter), not θ_i
     alias: dict[str, str] = field(default_factory=dict)  # base name -> name in this input
+    adapter: LoraAdapter | None = None
+
+    @property
+    def kind(self) -> str:
+        return "adapter" if self.adapter else "vector" if self.is_vector else "model"
 
     def tensor(self, name: str, lo: int = 0, hi: int | None = None) -> torch.Tensor:
         """A read-only view of this input's tensor for the base's ``name`` (or elements lo:hi)."""
         return self.weights.tensor(self.alias.get(name, name), lo, hi)
 
+    def operand(self, name: str, r0: int, r1: int, theta0: torch.Tensor, *, on_models: bool,
+                out: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+        """Rows r0:r1 of v_i (θ_i when ``on_models``) for base tensor ``name``, shaped and typed
+        as ``theta0`` (those rows of θ0). Written into ``out`` where a computation is needed;
+        otherwise a view of the file, which must not be written to."""
+        if self.adapter is not None:
+            v = self.adapter.vector_rows(name, r0, r1, theta0)
+            return v.add_(theta0) if on_models else v
+        cols = theta0.shape[1]
+        x = self.tensor(name, r0 * cols, r1 * cols).view(theta0.shape)
+        if self.is_vector and on_models:  # θ_i = θ0 + v_i
+            return torch.add(theta0, x, out=out)
+        if not self.is_vector and not on_models:  # v_i = θ_i − θ0
+            return torch.sub(x, theta0, out=out)
+        if x.dtype == theta0.dtype:
+            return x
+        return x.to(theta0.dtype) if out is None else out.copy_(x)
+
     def release(self) -> None:
         self.weights.release()
 
     def file(self, name: str) -> Path:
+        if self.adapter is not None:
+            return self.weights.files[0]
         return self.weights.tensors[self.alias.get(name, name)].file
 
 
 def open_input(base: WeightFolder, path: Path, weight: float) -> MergeInput:
-    """Open a model or vector folder and check it has every tensor of ``base``, shape for shape."""
+    """Open a model, vector or adapter folder; check it has every tensor of ``base``, shape for
+    shape (an adapter: that each matrix it adapts is one of the base's)."""
+    if is_adapter(path):
+        adapter = LoraAdapter(path, base)
+        return MergeInput(path, weight, adapter.weights, True, adapter=adapter)
     is_vector = (path / VECTOR_MARKER).is_file()
     weights = WeightFolder(path, prefix="vector" if is_vector else "model", role="model")
     inp = MergeInput(path, weight, weights, is_vector)
@@ -134,6 +166,8 @@ def merge_record(method, params, base, inputs, out_dtype, compute_dtype, wall_s)
 
 
 def _kind(inp: MergeInput) -> dict:
+    if inp.adapter is not None:
+        return {"kind": "adapter", "adapter": inp.adapter.record()}
     if not inp.is_vector:
         return {"kind": "model"}
     info = json.loads((inp.path / VECTOR_MARKER).read_text())  # the vector's own provenance

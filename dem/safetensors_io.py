@@ -8,32 +8,28 @@ then the raw bytes), so we read views of the mapped file span by span and drop e
 from our address space as soon as it is merged (:meth:`WeightFolder.release`), and we write the
 output's header up front (it only needs names, dtypes and shapes), then stream the bytes.
 
-Content hashes are the plain SHA-256 of each weight file (what ``sha256sum`` prints, and what
-the Hugging Face Hub shows for LFS files), computed on two background threads while the merge
-runs (the files are in the page cache by then, or the hashing warms it), and cached by stat
-data (see :func:`file_sha256`), so repeated merges of the same inputs do not hash them again.
+Content hashes (:mod:`dem.hashing`) ride on these reads: with :meth:`WeightFolder.start_hashing`,
+every span read is also hashed, in file order, on a background thread, so the files are read
+once for both; each read also asks the kernel for the bytes that follow, so the disk works
+while the merge computes.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import mmap
 import os
-import re
 import struct
-import threading
 from collections.abc import Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from dem import DemError, cache_dir
-from dem.io import write_text
+from dem import DemError
+from dem.hashing import MADV_POPULATE_READ, StreamHasher, cached_sha256, madvise
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -51,6 +47,7 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+READAHEAD = 32 << 20  # bytes requested ahead of each read: two 16 MiB blocks
 HEADER_LIMIT = 100 << 20  # the safetensors reference implementation refuses larger headers
 
 
@@ -87,43 +84,6 @@ def read_header(path: Path) -> tuple[dict, int]:
     return header, 8 + n
 
 
-def file_sha256(path: Path, cancel: threading.Event | None = None) -> str:
-    """SHA-256 of a file, as ``sha256sum`` prints it.
-
-    Digests are cached by the file's identity and state (path, inode, size, modification time
-    in ns), the way git's index trusts unchanged stat data: a weight search merges the same
-    inputs many times, and only the first merge pays for hashing them.
-    """
-    st = path.stat()
-    key = f"{path.resolve()}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}"
-    cache = _cache_dir() / hashlib.sha256(key.encode()).hexdigest()[:32]
-    with contextlib.suppress(OSError):
-        if re.fullmatch(r"[0-9a-f]{64}", cached := cache.read_text().strip()):
-            return cached
-    sha = hashlib.sha256()
-    if st.st_size:
-        # hash straight from a memory map, 16 MiB at a time, dropping each piece from this
-        # process afterwards: no copy out of the page cache, and resident memory stays flat
-        step = 16 << 20
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            with memoryview(mm) as data:
-                for lo in range(0, len(data), step):
-                    if cancel is not None and cancel.is_set():  # the merge failed: stop
-                        return ""
-                    n = min(step, len(data) - lo)
-                    _madvise(mm, MADV_POPULATE_READ, lo, n)
-                    sha.update(data[lo : lo + n])
-                    _madvise(mm, mmap.MADV_DONTNEED, lo, n)
-    digest = sha.hexdigest()
-    with contextlib.suppress(OSError):  # a cache that cannot be written only costs time
-        write_text(cache, digest + "\n")
-    return digest
-
-
-def _cache_dir() -> Path:
-    return cache_dir() / "sha256"
-
-
 class WeightFolder:
     """The safetensors weights of a model folder (or vector folder), read tensor by tensor.
 
@@ -133,7 +93,7 @@ class WeightFolder:
     :meth:`tensor` returns a zero-copy view of the file (a private memory map), so reading costs
     no copy; :meth:`release` then drops those pages from this process (they stay in the page
     cache), which keeps resident memory at the few spans in use rather than the whole model.
-    :meth:`start_hashing` hashes the files on background threads while the caller works.
+    :meth:`start_hashing` makes every read also feed the files' SHA-256 (:mod:`dem.hashing`).
     """
 
     def __init__(self, folder: str | Path, prefix: str = "model", role: str = "model") -> None:
@@ -146,8 +106,8 @@ class WeightFolder:
         self.files = self._weight_files(prefix, role)
         self.tensors: dict[str, TensorInfo] = {}
         self.metadata: dict[str, str] = {}
-        self._digests: dict[Path, Future] = {}
-        self._cancel = threading.Event()
+        self._hashers: dict[Path, StreamHasher] = {}
+        self._digests: dict[Path, str] = {}
         for file in self.files:
             try:
                 self._index(file)
@@ -208,17 +168,28 @@ class WeightFolder:
         start, end = info.start + lo * dtype.itemsize, info.start + hi * dtype.itemsize
         if end <= start:
             return torch.empty(info.shape if whole else (0,), dtype=dtype)
-        mm = self._maps.get(info.file)
-        if mm is None:
-            with open(info.file, "rb") as f:
-                # ACCESS_COPY (MAP_PRIVATE): writable for torch.frombuffer, never written back
-                mm = self._maps[info.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        mm = self._map(info.file)
         page = start - start % mmap.PAGESIZE
-        _madvise(mm, MADV_POPULATE_READ, page, end - page)  # fault the pages in with one call
+        madvise(mm, MADV_POPULATE_READ, page, end - page)  # fault the pages in with one call
+        # and ask for what follows in the background: a cold read of the next span overlaps
+        # the computation on this one (readers go through a file mostly in order)
+        ahead = min(READAHEAD, len(mm) - end)
+        if ahead > 0:
+            madvise(mm, mmap.MADV_WILLNEED, end - end % mmap.PAGESIZE, ahead)
+        if (hasher := self._hashers.get(info.file)) is not None:
+            hasher.advance(end)  # these bytes are in the page cache now: hash them too
         view = memoryview(mm)[start:end]
         self._pending.append((mm, page, end))
         flat = torch.frombuffer(view, dtype=dtype)
         return flat.reshape(info.shape) if whole else flat
+
+    def _map(self, file: Path) -> mmap.mmap:
+        mm = self._maps.get(file)
+        if mm is None:
+            with open(file, "rb") as f:
+                # ACCESS_COPY (MAP_PRIVATE): writable for torch.frombuffer, never written back
+                mm = self._maps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        return mm
 
     def read(self, name: str) -> torch.Tensor:
         """A copy of one tensor that the caller owns."""
@@ -230,46 +201,37 @@ class WeightFolder:
         """Done with every view taken so far: drop their pages from this process's memory
         (they stay in the page cache, so a later read is still cheap)."""
         for mm, page, end in self._pending:
-            _madvise(mm, mmap.MADV_DONTNEED, page, end - page)
+            madvise(mm, mmap.MADV_DONTNEED, page, end - page)
         self._pending.clear()
 
     def start_hashing(self) -> None:
-        """Hash the weight files on background threads, alongside whatever comes next."""
+        """From now on, hash every weight file as it is read (files with a cached digest are
+        not hashed again); :meth:`sha256` then hashes what was not read and returns the digests."""
         for file in self.files:
-            if file not in self._digests:
-                self._digests[file] = _hash_pool().submit(file_sha256, file, self._cancel)
+            if file in self._digests or file in self._hashers:
+                continue
+            if (cached := cached_sha256(file)) is not None:
+                self._digests[file] = cached
+            else:
+                self._hashers[file] = StreamHasher(file)
 
     def sha256(self) -> dict[str, str]:
         """``{file name: sha256}`` of every weight file."""
         self.start_hashing()
-        return {file.name: self._digests[file].result() for file in self.files}
+        for file, hasher in list(self._hashers.items()):
+            self._digests[file] = hasher.result()
+            del self._hashers[file]
+        return {file.name: self._digests[file] for file in self.files}
 
     def close(self) -> None:
-        self._cancel.set()  # after sha256() this changes nothing; after an error it stops hashing
+        for hasher in self._hashers.values():  # after sha256() there are none; after an error
+            hasher.cancel()  # the partial hashes are dropped
+        self._hashers.clear()
         self.release()
         for mm in self._maps.values():
             with contextlib.suppress(BufferError):  # a view still alive keeps it mapped until freed
                 mm.close()
         self._maps.clear()
-
-
-MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14; harmless elsewhere
-
-
-def _madvise(mm: mmap.mmap, option: int, start: int, length: int) -> None:
-    # advice only: a platform without madvise (Windows) or this option merely uses more memory
-    with contextlib.suppress(AttributeError, OSError, ValueError):
-        mm.madvise(option, start, length)
-
-
-_POOL: list[ThreadPoolExecutor] = []
-
-
-def _hash_pool() -> ThreadPoolExecutor:
-    # hashlib releases the GIL, so two files hash on two cores while the merge runs on another
-    if not _POOL:
-        _POOL.append(ThreadPoolExecutor(max_workers=2, thread_name_prefix="dem-sha256"))
-    return _POOL[0]
 
 
 class ShardedWriter:

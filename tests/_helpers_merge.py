@@ -83,3 +83,112 @@ def private_hash_cache(tmp_path_factory, monkeypatch):
     Autouse in every test module that imports it (the merge tests).
     """
     monkeypatch.setenv("DEM_CACHE_DIR", str(tmp_path_factory.mktemp("dem-cache")))
+
+
+# --- float64 references for every merge method, written entry by entry -----------------------------
+def model_uniforms(tensor_seed: int, numel: int, n: int) -> list[np.ndarray]:
+    """The U[0,1) draws a random method makes for n models of one tensor, in row-major order
+    (the generator is an input here, not under test): one seed per model from the tensor's."""
+    g = torch.Generator().manual_seed(tensor_seed)
+    seeds = torch.randint(0, 2**62, (n,), generator=g).tolist()
+    return [torch.rand(numel, generator=torch.Generator().manual_seed(s)).double().numpy()
+            for s in seeds]  # fmt: skip
+
+
+def _by_magnitude(flat: np.ndarray) -> np.ndarray:
+    """Indices from the largest |x| down; equal magnitudes in index order."""
+    return np.argsort(-np.abs(flat), kind="stable")
+
+
+def ref_band(v: np.ndarray, start: int, stop: int) -> np.ndarray:
+    flat = v.ravel()
+    keep = _by_magnitude(flat)[start:stop]
+    out = np.zeros_like(flat)
+    out[keep] = flat[keep]
+    return out.reshape(v.shape)
+
+
+def ref_top(v: np.ndarray, density: float) -> np.ndarray:
+    n = v.size
+    return ref_band(v, 0, n if density >= 1 else max(1, int(density * n)))
+
+
+def ref_outliers(v: np.ndarray, density: float, gamma: float) -> np.ndarray:
+    n = v.size
+    if density >= 1:
+        return v.copy()
+    keep, top = int(density * n), int(gamma * n)
+    start = min(top, n - keep)
+    return ref_band(v, start, start + keep)
+
+
+def ref_consensus(vs: list[np.ndarray], w: list[float], normalize: bool) -> np.ndarray:
+    out = np.zeros(vs[0].size)
+    flat = [v.ravel() for v in vs]
+    for j in range(out.size):
+        d = [w_i * f[j] for w_i, f in zip(w, flat, strict=True)]
+        gamma = 1.0 if sum(d) >= 0 else -1.0
+        agree = [i for i in range(len(d)) if np.sign(d[i]) == gamma]
+        out[j] = sum(d[i] for i in agree)
+        if normalize:
+            divisor = sum(w[i] for i in agree)
+            out[j] /= divisor if divisor != 0 else 1.0
+    return out.reshape(vs[0].shape)
+
+
+def ref_magprune(v: np.ndarray, u: np.ndarray, density: float, epsilon: float) -> np.ndarray:
+    rows = v.reshape(v.shape[0], -1) if v.ndim >= 2 else v.reshape(1, -1)
+    u = u.reshape(rows.shape)
+    out = np.zeros_like(rows)
+    n = rows.shape[1]
+    for r in range(rows.shape[0]):
+        ranks = np.empty(n)
+        ranks[np.argsort(np.abs(rows[r]), kind="stable")] = np.arange(n)
+        p = density - epsilon + 2 * epsilon * ranks / max(n - 1, 1)
+        out[r] = np.where(u[r] < p, rows[r] / p, 0)
+    return out.reshape(v.shape)
+
+
+def reference(method: str, b: np.ndarray, thetas: list[np.ndarray], w: list[float], p: dict,
+              seed: int | None = None) -> np.ndarray:  # fmt: skip
+    """θ of one tensor by ``method`` in float64; ``seed`` is the tensor's seed (random methods)."""
+    vs = [t - b for t in thetas]
+    lam = p.get("lam", 1.0)
+    if method in ("dare_linear", "dare_ties", "della", "della_linear"):
+        us = [u.reshape(b.shape) for u in model_uniforms(seed, b.size, len(vs))]
+        if method.startswith("dare"):
+            q = p["drop_prob"]
+            vs = [v * (u >= q) / (1 - q) for v, u in zip(vs, us, strict=True)]
+        else:
+            vs = [
+                ref_magprune(v, u, p["density"], p["epsilon"]) for v, u in zip(vs, us, strict=True)
+            ]
+    weighted = lambda xs: sum(w_i * x for w_i, x in zip(w, xs, strict=True))  # noqa: E731
+    if method in ("dem", "task_arithmetic", "dare_linear", "della_linear"):
+        return b + lam * weighted(vs)
+    if method == "linear":
+        return weighted(thetas)
+    if method in ("ties", "dare_ties"):
+        return b + lam * ref_consensus([ref_top(v, p["density"]) for v in vs], w, True)
+    if method == "della":
+        return b + lam * ref_consensus(vs, w, True)
+    if method.startswith("breadcrumbs"):
+        kept = [ref_outliers(v, p["density"], p["gamma"]) for v in vs]
+        return b + lam * (ref_consensus(kept, w, False) if "ties" in method else weighted(kept))
+    if method == "model_stock":
+        flat = [v.ravel() for v in vs]
+        n = len(flat)
+        cos = [np.clip(flat[i] @ flat[j] / max(np.linalg.norm(flat[i]) * np.linalg.norm(flat[j]),
+                                               1e-6), -1, 1)
+               for i in range(n) for j in range(i + 1, n)]  # fmt: skip
+        c = np.mean(cos)
+        t = 0.0 if abs(1 + (n - 1) * c) < 1e-6 else n * c / (1 + (n - 1) * c)
+        return b + t * weighted(vs)
+    if method == "slerp":
+        (t,), x1 = w, thetas[0]
+        cos = np.clip(b.ravel() @ x1.ravel() / (np.linalg.norm(b) * np.linalg.norm(x1)), -1, 1)
+        if abs(cos) > 0.9995:
+            return (1 - t) * b + t * x1
+        omega = np.arccos(cos)
+        return (np.sin((1 - t) * omega) * b + np.sin(t * omega) * x1) / np.sin(omega)
+    raise AssertionError(f"no reference for {method}")

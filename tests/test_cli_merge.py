@@ -163,6 +163,22 @@ def test_bad_base_no_models_and_existing_output(zoo, tmp_path, capsys):
     assert (out / "dem_merge.json").exists() and not (out / "keep.txt").exists()
 
 
+def test_new_methods_take_their_flags_and_model_counts(zoo, tmp_path, capsys):
+    out = tmp_path / "out"
+    two = (f"{zoo['m1']}=0.5", f"{zoo['m2']}=0.5")
+    extra = ["--method", "breadcrumbs", "--density", "0.8", "--gamma", "0.05"]
+    assert main(_args(zoo, out, *two, extra=extra)) == 0
+    record = json.loads((out / "dem_merge.json").read_text())
+    assert record["parameters"] == {"lam": 1.0, "density": 0.8, "gamma": 0.05}
+    _fail(capsys, _args(zoo, tmp_path / "s", *two, extra=["--method", "slerp"]),
+          "'slerp' takes exactly 1 model(s) besides the base, got 2")  # fmt: skip
+    _fail(capsys, _args(zoo, tmp_path / "d", *two, extra=["--method", "della", "--epsilon", "0.6"]),
+          "--epsilon 0.6 must be in [0, 0.5)")  # fmt: skip
+    _fail(capsys, _args(zoo, tmp_path / "g", *two, extra=["--gamma", "0.1"]),
+          "--gamma does not apply to method 'dem' (only to breadcrumbs, breadcrumbs_ties)")  # fmt: skip
+    _no_output(tmp_path / "s")
+
+
 def _edited_copy(src: Path, dst: Path, edit) -> Path:
     dst.mkdir()
     for f in src.iterdir():
@@ -267,8 +283,8 @@ def test_help_documents_every_option(capsys):
         main(["merge", "--help"])
     text = capsys.readouterr().out
     for option in ("--base", "--model", "--out", "--method", "--dtype", "--density", "--drop-prob",
-                   "--lambda", "--seed", "--overwrite", "--config", "--compute-dtype",
-                   "--max-shard-size", "--no-progress", "dare_ties"):  # fmt: skip
+                   "--lambda", "--seed", "--gamma", "--epsilon", "--overwrite", "--config",
+                   "--compute-dtype", "--max-shard-size", "--no-progress", "LoRA adapter"):  # fmt: skip
         assert option in text, option
     from dem.methods import METHODS
 

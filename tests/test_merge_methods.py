@@ -5,12 +5,30 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _helpers_merge import ref_band, reference
 
 from dem import DemError
+from dem import merge_steps as S
 from dem import methods as M
 from dem.methods import METHODS
 
 torch.set_num_threads(1)
+
+# every method with non-default parameters; w is drawn positive for the sign-electing ones
+CASES = {
+    "dem": {},
+    "linear": {},
+    "task_arithmetic": {"lam": 0.7},
+    "ties": {"density": 0.3, "lam": 1.2},
+    "dare_linear": {"drop_prob": 0.4},
+    "dare_ties": {"drop_prob": 0.4, "density": 0.6, "lam": 1.5},
+    "breadcrumbs": {"density": 0.6, "gamma": 0.1, "lam": 0.9},
+    "breadcrumbs_ties": {"density": 0.5, "gamma": 0.2},
+    "della": {"density": 0.5, "epsilon": 0.2, "lam": 1.1},
+    "della_linear": {"density": 0.4, "epsilon": 0.1},
+    "model_stock": {},
+    "slerp": {},
+}
 
 
 def _inputs(n_models: int = 3, shape=(7, 5), seed: int = 0):
@@ -27,164 +45,166 @@ def _f64(a) -> np.ndarray:
     return np.asarray(a, dtype=np.float32).astype(np.float64)
 
 
-def _ties_ref(vectors: list[np.ndarray], w: list[float], density: float) -> np.ndarray:
-    """TIES written entry by entry with argsort: trim, elect by weighted mass, disjoint mean."""
-    trimmed = []
-    for v in vectors:
-        flat = v.ravel()
-        k = int(round(density * flat.size))
-        keep = np.argsort(-np.abs(flat), kind="stable")[:k]
-        out = np.zeros_like(flat)
-        out[keep] = flat[keep]
-        trimmed.append(out)
-    merged = np.zeros_like(trimmed[0])
-    for j in range(merged.size):
-        gamma = np.sign(sum(w_i * t[j] for w_i, t in zip(w, trimmed, strict=True)))
-        agree = [i for i, t in enumerate(trimmed) if gamma != 0 and np.sign(t[j]) == gamma]
-        if agree:
-            merged[j] = sum(w[i] * trimmed[i][j] for i in agree) / sum(w[i] for i in agree)
-    return merged.reshape(vectors[0].shape)
+def test_methods_table_is_complete_and_uniform():
+    assert set(METHODS) == set(CASES)
+    for m in METHODS.values():
+        assert "θ" in m.formula and m.about  # every method documents its formula and source
+        assert m.streams in ("in one pass", "after a statistics pass")
+        assert not m.overwrites  # callers (the search) never need to copy the vectors
+    assert [m.name for m in METHODS.values() if m.random] == [
+        "dare_linear", "dare_ties", "della", "della_linear",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("method", list(CASES))
+@pytest.mark.parametrize("shape", [(9, 8), (13,)], ids=["matrix", "vector"])
+def test_every_method_matches_its_float64_reference(method, shape):
+    n = {"slerp": 1, "model_stock": 3}.get(method, 3)
+    base, thetas, w, tb, tt = _inputs(n, shape=shape, seed=3)
+    if method == "slerp":
+        w = [0.3]
+    elif method != "dem":
+        w = [abs(x) + 0.1 for x in w]
+    params = CASES[method]
+    got = METHODS[method](tb, tt, w, name="layer.w", seed=4, **params)
+    p = M.resolve_params(METHODS[method], params)
+    ref = reference(method, _f64(base), [_f64(x) for x in thetas], w, p,
+                    seed=M.tensor_seed(4, "layer.w"))  # fmt: skip
+    np.testing.assert_allclose(got.double().numpy(), ref, atol=1e-6, rtol=0)
+    # float64 inputs give float64 arithmetic: agreement to rounding
+    if not METHODS[method].random:  # (random draws compare u < p in float32 there)
+        got64 = METHODS[method](tb.double(), [x.double() for x in tt], w, **params).numpy()
+        np.testing.assert_allclose(got64, ref, atol=1e-12, rtol=0)
+
+
+def test_methods_do_not_modify_inputs():
+    _, _, w, tb, tt = _inputs()
+    before = [tb.clone(), *[x.clone() for x in tt]]
+    for method, params in CASES.items():
+        if method != "slerp":
+            METHODS[method](tb, tt, [abs(x) for x in w], **params)
+    assert all(torch.equal(a, b) for a, b in zip(before, [tb, *tt], strict=True))
 
 
 def ties(theta_base, thetas, w, density, lam=1.0):
     return METHODS["ties"](theta_base, thetas, w, density=density, lam=lam)
 
 
-def _uniforms(seed: int, shape, n: int) -> list[np.ndarray]:
-    """The U[0,1) draws DARE makes for n vectors (the RNG is an input, not under test)."""
-    g = torch.Generator().manual_seed(seed)
-    return [torch.rand(shape, generator=g).double().numpy() for _ in range(n)]
-
-
-def test_dem_linear_task_arithmetic_match_float64_reference():
-    base, thetas, w, tb, tt = _inputs()
-    b, ts = _f64(base), [_f64(x) for x in thetas]
-    dem, linear, task_arithmetic = (METHODS[m] for m in ("dem", "linear", "task_arithmetic"))
-    ref_dem = b + sum(wi * (x - b) for wi, x in zip(w, ts, strict=True))
-    np.testing.assert_allclose(dem(tb, tt, w).double().numpy(), ref_dem, atol=1e-6, rtol=0)
-    ref_lin = sum(wi * x for wi, x in zip(w, ts, strict=True))
-    np.testing.assert_allclose(linear(tb, tt, w).double().numpy(), ref_lin, atol=1e-6, rtol=0)
-    ref_ta = b + 0.7 * sum(x - b for x in ts)
-    got = task_arithmetic(tb, tt, [1.0] * len(tt), lam=0.7).double().numpy()
-    np.testing.assert_allclose(got, ref_ta, atol=1e-6)
-    # float64 inputs give float64 arithmetic: agreement to rounding
-    d = dem(tb.double(), [x.double() for x in tt], w).numpy()
-    np.testing.assert_allclose(d, ref_dem, atol=1e-13, rtol=0)
-
-
-def test_dem_does_not_modify_inputs():
-    _, _, w, tb, tt = _inputs()
-    before = [tb.clone(), *[x.clone() for x in tt]]
-    for method, params in [("dem", {}), ("ties", {"density": 0.5}), ("linear", {}),
-                           ("dare_ties", {"drop_prob": 0.5})]:  # fmt: skip
-        METHODS[method](tb, tt, w, **params)
-    assert all(torch.equal(a, b) for a, b in zip(before, [tb, *tt], strict=True))
-
-
-@pytest.mark.parametrize("density", [0.2, 0.5, 1.0])
-def test_ties_matches_reference(density):
-    base, thetas, w, tb, tt = _inputs(shape=(6, 9), seed=3)
-    w = [abs(x) + 0.1 for x in w]
-    b = _f64(base)
-    vectors = [_f64(x) - b for x in thetas]
-    ref = b + 0.8 * _ties_ref(vectors, w, density)
-    got = ties(tb, tt, w, density, lam=0.8).double().numpy()
-    np.testing.assert_allclose(got, ref, atol=1e-6, rtol=0)
-
-
 def test_ties_hand_worked():
     base = torch.zeros(4)
     v1, v2, v3 = [3, -1, 0.5, -4], [-2, 2.5, 1, 1], [1, -3, -0.2, 2]
     thetas = [torch.tensor(v) for v in (v1, v2, v3)]
-    # density 0.5 keeps two entries each: [3,0,0,-4], [-2,2.5,0,0], [0,-3,0,2];
-    # mass [1,-0.5,0,-2] elects [+,-,0,-]; agreeing entries: 3 | -3 | none | -4
+    # density 0.5 keeps int(2.0) = 2 entries each: [3,0,0,-4], [-2,2.5,0,0], [0,-3,0,2];
+    # mass [1,-0.5,0,-2] elects [+,-,+,-] (0 counts as +); agreeing entries: 3 | -3 | none | -4
     assert ties(base, thetas, [1, 1, 1], 0.5).tolist() == [3, -3, 0, -4]
     # base 1, lambda 0.5: 1 + 0.5 * [3, -3, 0, -4]
     assert ties(torch.ones(4), [t + 1 for t in thetas], [1, 1, 1], 0.5, lam=0.5).tolist() == [
         2.5, -0.5, 1, -1,
     ]  # fmt: skip
-    # weights [1,2,1]: mass [3-4, 5-3, 0, -4+2] = [-1,2,0,-2] elects [-,+,0,-]:
+    # weights [1,2,1]: mass [3-4, 5-3, 0, -4+2] = [-1,2,0,-2] elects [-,+,+,-]:
     # entry 0 -> v2 alone: 2*(-2)/2 = -2 ; entry 1 -> 2*2.5/2 = 2.5 ; entry 3 -> v1: -4
     assert ties(base, thetas, [1, 2, 1], 0.5).tolist() == [-2, 2.5, 0, -4]
     # disjoint mean over several agreeing models, nothing trimmed
     two = [torch.tensor([1.0, -2]), torch.tensor([3.0, 1]), torch.tensor([-1.0, -1])]
     assert ties(torch.zeros(2), two, [1, 1, 1], 1.0).tolist() == [2, -1.5]
+    # a negative weight votes with the weighted vector's sign: w·v = [1,-2], [3,1], [1,1];
+    # entry 0: all agree, 5 / (1 + 1 - 1); entry 1: mass 0 elects +, 2 / (1 - 1 -> 1)
+    assert ties(torch.zeros(2), two, [1, 1, -1], 1.0).tolist() == [5, 2]
+    # an exact tie of the mass elects +: [1] and [-1] -> only the positive model counts
+    assert ties(torch.zeros(1), [torch.ones(1), -torch.ones(1)], [1, 1], 1.0).tolist() == [1]
 
 
-def test_trim_counts():
-    v = torch.tensor([0.1, -5, 3, -0.2, 4])
-    assert M.trim(v, 0.4).tolist() == [0, -5, 0, 0, 4]
-    assert M.trim(v, 1.0).tolist() == v.tolist()
-    assert M.trim(v, 0.01).tolist() == [0] * 5  # round(0.05) = 0 entries kept
+def test_densities_keep_int_density_times_numel_entries():
+    # mergekit and peft: int(density * numel), which float rounding makes 28 here, not 29
+    assert S.top_band(100, 0.29).stop == 28 and S.top_band(10, 0.01).stop == 1  # at least one
+    assert S.top_band(10, 1.0).keeps_all
+    b = S.outlier_band(100, 0.9, 0.05)  # drop the 5 largest, keep the next 90
+    assert (b.start, b.stop) == (5, 95)
+    b = S.outlier_band(100, 0.97, 0.05)  # only 3 can go: the outlier cut shrinks
+    assert (b.start, b.stop) == (3, 100)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_magnitude_bands_are_exact_over_blocks_with_ties(dtype):
+    """The radix selection over several blocks finds the same entries as one stable sort, with
+    many equal magnitudes (of both signs) straddling every threshold."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randint(-6, 7, (23, 11), generator=g) * 0.125).to(dtype)
+    x[3, :5] = 1e-30  # tiny magnitudes sort below 0.125 but above the zeros
+    for start, stop in [(0, 60), (0, 1), (17, 200), (30, 31), (0, 253), (5, 5)]:
+        bands = [S.Band(start, stop, x.numel()) for _ in range(2)]
+        blocks = [x[r : r + 4] for r in range(0, 23, 4)]
+        S.find_bands(lambda: ([blk, -blk] for blk in blocks), bands)  # noqa: B023
+        for sign, band in zip((1, -1), bands, strict=True):
+            got = torch.cat([S.keep_band(sign * blk, band) for blk in blocks])
+            want = ref_band(sign * x.double().numpy(), start, stop)
+            np.testing.assert_array_equal(got.double().numpy(), want, err_msg=f"{start}:{stop}")
+            assert int((got != 0).sum()) == int((torch.from_numpy(want) != 0).sum())
+
+
+def test_magnitude_bands_hand_worked():
+    x = torch.tensor([[3.0, -1, 2], [0, -2, 3]])
+
+    def kept(start, stop):
+        band = S.Band(start, stop, x.numel())
+        S.find_bands(lambda: iter([[x]]), [band])
+        return S.keep_band(x, band).tolist()
+
+    # ranks: 3 (0,0), 3 (1,2), 2 (0,2), -2 (1,1), -1, 0
+    assert kept(0, 4) == [[3, 0, 2], [0, -2, 3]]  # the ties at 2 all kept: a cut at >= 2
+    assert kept(0, 3) == [[3, 0, 2], [0, 0, 3]]  # the cut splits them: the earlier goes first
+    assert kept(2, 5) == [[0, -1, 2], [0, -2, 0]]  # the ties at 3 all dropped: a cut at < 3
+    assert kept(1, 3) == [[0, 0, 2], [0, 0, 3]]  # split at both ends
+    x = torch.full((2, 2), -2.0)
+    assert kept(1, 3) == [[0, -2], [-2, 0]]  # one group split at both ends
 
 
 def test_dare_hand_worked():
     # torch.rand(4) from seed 0 draws [0.4963, 0.7682, 0.0885, 0.1320]; p = 0.5 keeps only
     # the second entry (0.7682 >= 0.5) and doubles it
     g = torch.Generator().manual_seed(0)
-    out = M.dare(torch.tensor([1.0, 2, 3, 4]), 0.5, g)
-    assert out.tolist() == [0, 4, 0, 0]
+    assert S.dare(torch.tensor([1.0, 2, 3, 4]), 0.5, g).tolist() == [0, 4, 0, 0]
     g = torch.Generator().manual_seed(0)
-    assert M.dare(torch.tensor([1.0, 2, 3, 4]), 0.0, g).tolist() == [1, 2, 3, 4]
+    assert S.dare(torch.tensor([1.0, 2, 3, 4]), 0.0, g).tolist() == [1, 2, 3, 4]
 
 
-def test_dare_is_unbiased_and_drops_the_right_fraction():
+def test_random_drops_are_unbiased_and_keep_the_right_fraction():
     v = torch.ones(200_000)
-    out = M.dare(v.clone(), 0.9, torch.Generator().manual_seed(1))
+    out = S.dare(v, 0.9, torch.Generator().manual_seed(1))
     assert abs((out == 0).float().mean().item() - 0.9) < 0.005
     assert abs(out.mean().item() - 1.0) < 0.03
     assert out.unique().tolist() == [0.0, pytest.approx(10.0)]
+    # MagPrune: keep rate rises with magnitude rank, from density - ε to density + ε, unbiased
+    row = torch.arange(1, 1001, dtype=torch.float32).repeat(400, 1)  # ranks = positions
+    kept = S.magprune(row, 0.5, 0.2, torch.Generator().manual_seed(2)) != 0
+    rate = kept.float().mean(0)
+    assert abs(rate[:100].mean().item() - 0.31) < 0.02 and abs(rate[-100:].mean() - 0.69) < 0.02
+    pruned = S.magprune(torch.ones(200, 1000), 0.5, 0.2, torch.Generator().manual_seed(3))
+    assert abs(pruned.mean().item() - 1.0) < 0.02
 
 
-def test_dare_linear_and_dare_ties_match_reference():
-    base, thetas, w, tb, tt = _inputs(shape=(8, 8), seed=5)
-    w = [abs(x) + 0.1 for x in w]
-    b = _f64(base)
-    u = _uniforms(42, tb.shape, len(tt))
-    dropped = [(_f64(x) - b) * (ui >= 0.3) / 0.7 for x, ui in zip(thetas, u, strict=True)]
-    ref = b + sum(wi * d for wi, d in zip(w, dropped, strict=True))
-    dare_linear, dare_ties = METHODS["dare_linear"], METHODS["dare_ties"]
-    gen = lambda: torch.Generator().manual_seed(42)  # noqa: E731
-    got = dare_linear(tb, tt, w, drop_prob=0.3, generator=gen()).double().numpy()
-    np.testing.assert_allclose(got, ref, atol=1e-6, rtol=0)
-    ref = b + 1.5 * _ties_ref(dropped, w, 0.5)
-    got = dare_ties(tb, tt, w, drop_prob=0.3, density=0.5, generator=gen(), lam=1.5)
-    np.testing.assert_allclose(got.double().numpy(), ref, atol=1e-6, rtol=0)
-
-
-def test_dare_determinism_by_seed():
+def test_random_methods_depend_on_seed_and_tensor_name_only():
     _, _, w, tb, tt = _inputs()
-    run = lambda s: METHODS["dare_linear"](tb, tt, w, drop_prob=0.5, seed=s)  # noqa: E731
-    assert torch.equal(run(7), run(7))
-    assert not torch.equal(run(7), run(8))
-    # a tensor's seed depends on (seed, name) only, never on the position of the tensor
-    assert M.tensor_seed(0, "a.weight") == M.tensor_seed(0, "a.weight")
+    for method in ("dare_linear", "della"):
+        run = lambda s, n="a", m=method: METHODS[m](tb, tt, w, seed=s, name=n)  # noqa: E731
+        assert torch.equal(run(7), run(7))
+        assert not torch.equal(run(7), run(8)) and not torch.equal(run(7), run(7, "b"))
     assert len({M.tensor_seed(s, n) for s in (0, 1) for n in ("a.weight", "b.weight")}) == 4
 
 
-def test_methods_table_is_complete_and_uniform():
-    assert set(METHODS) == {"dem", "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"}
-    for m in METHODS.values():
-        assert "θ" in m.formula  # every method documents its formula
-    _, _, w, tb, tt = _inputs()
-    g = lambda: torch.Generator().manual_seed(M.tensor_seed(4, "layer.w"))  # noqa: E731
-    v = lambda: [t - tb for t in tt]  # noqa: E731
-    # the steps composed by hand, with each method's default parameters
-    expected = {
-        "dem": M.weighted_sum(v(), w) + tb,
-        "linear": M.weighted_sum(tt, w),
-        "task_arithmetic": M.weighted_sum(v(), [0.5 * w_i for w_i in w]) + tb,
-        "ties": tb + 1.0 * M.ties_delta(v(), w, 0.2),
-        "dare_linear": M.weighted_sum([M.dare(x, 0.9, gen) for gen in [g()] for x in v()], w) + tb,
-        "dare_ties": tb + 2.0 * M.ties_delta([M.dare(x, 0.3, gen) for gen in [g()] for x in v()],
-                                             w, 0.7),
-    }  # fmt: skip
-    options = {"task_arithmetic": {"lam": 0.5}, "dare_ties": {"drop_prob": 0.3, "density": 0.7, "lam": 2.0}}  # fmt: skip
-    for method, want in expected.items():
-        got = METHODS[method](tb, tt, w, name="layer.w", seed=4, **options.get(method, {}))
-        assert torch.equal(got, want), method
-    with pytest.raises(DemError, match="density does not apply"):
-        METHODS["dem"](tb, tt, w, density=0.5)
+def test_model_stock_and_slerp_hand_worked():
+    base = torch.zeros(2)
+    # orthogonal vectors: cos 0, t = 0, the base; equal vectors: cos 1, t = 1, their mean
+    ortho = [torch.tensor([1.0, 0]), torch.tensor([0.0, 1])]
+    assert METHODS["model_stock"](base, ortho, [0.5, 0.5]).tolist() == [0, 0]
+    same = [torch.tensor([1.0, 2]), torch.tensor([1.0, 2])]
+    assert METHODS["model_stock"](base, same, [0.5, 0.5]).tolist() == [1, 2]
+    # a quarter turn, t = 1/3: the point 30° along the unit arc
+    got = METHODS["slerp"](torch.tensor([1.0, 0]), [torch.tensor([0.0, 1])], [1 / 3])
+    np.testing.assert_allclose(got.numpy(), [np.sqrt(3) / 2, 0.5], atol=1e-6)
+    # nearly parallel: plain interpolation
+    got = METHODS["slerp"](torch.tensor([1.0, 0]), [torch.tensor([2.0, 1e-3])], [0.25])
+    np.testing.assert_allclose(got.numpy(), [1.25, 0.25e-3], atol=1e-7)
 
 
 @pytest.mark.parametrize(
@@ -195,13 +215,16 @@ def test_methods_table_is_complete_and_uniform():
         ("dare_linear", {"drop_prob": 1}, "drop_prob 1.0 must be in [0, 1)"),
         ("ties", {"lam": float("inf")}, "lam inf must be a finite number"),
         ("ties", {"density": "a"}, "density 'a' is not a number"),
+        ("breadcrumbs", {"gamma": 1}, "gamma 1.0 must be in [0, 1)"),
+        ("della", {"density": 0.9, "epsilon": 0.2}, "epsilon 0.2 must leave density ± epsilon"),
         (
             "dem",
             {"drop_prob": 0.5},
             "drop_prob does not apply to method 'dem' (only to dare_linear",
         ),
         ("dem", {"lam": 2.0}, "lam does not apply to method 'dem'"),
-        ("dem", {"epsilon": 0.1}, "unknown merge parameter 'epsilon'"),
+        ("dem", {"epsilon": 0.1}, "epsilon does not apply to method 'dem' (only to della"),
+        ("dem", {"tau": 0.1}, "unknown merge parameter 'tau'"),
     ],
 )
 def test_parameters_are_checked_and_named(method, params, message):
@@ -212,12 +235,20 @@ def test_parameters_are_checked_and_named(method, params, message):
     assert "--" not in str(err.value)  # the library speaks of parameters, never of flags
 
 
+def test_model_counts_are_checked():
+    _, _, w, tb, tt = _inputs()
+    with pytest.raises(DemError, match="'slerp' takes exactly 1 model"):
+        METHODS["slerp"](tb, tt, w)
+    with pytest.raises(DemError, match="'model_stock' takes at least 2 model"):
+        METHODS["model_stock"](tb, tt[:1], w[:1])
+
+
 def test_defaults_and_harmless_parameters():
     m = METHODS["dare_ties"]
     assert M.resolve_params(m, {}) == {"lam": 1.0, "density": 1.0, "drop_prob": 0.9, "seed": 0}
     assert M.resolve_params(METHODS["ties"], {"density": None}) == {"lam": 1.0, "density": 0.2}
+    assert M.resolve_params(METHODS["breadcrumbs"], {})["gamma"] == 0.01
     # λ = 1 and any seed change nothing for a method without them: accepted, not recorded
     assert M.resolve_params(METHODS["dem"], {"lam": 1.0, "seed": 7}) == {}
-    with pytest.raises(DemError, match="unknown merge method 'slerp'; choose one of dem"):
-        M.get_method("slerp")
-    assert [m.name for m in METHODS.values() if m.random] == ["dare_linear", "dare_ties"]
+    with pytest.raises(DemError, match="unknown merge method 'nuslerp'; choose one of dem"):
+        M.get_method("nuslerp")

@@ -12,6 +12,7 @@ import torch
 from _helpers_merge import (  # noqa: F401 (private_hash_cache: autouse fixture)
     load_weights,
     private_hash_cache,
+    reference,
     save_llama,
     weight_dtypes,
 )
@@ -19,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from dem import DemError
 from dem import merge as M
-from dem.methods import METHODS, tensor_seed
+from dem.methods import METHODS, resolve_params, tensor_seed
 from dem.vectors import extract_vector, load_vector, vector_info
 
 torch.set_num_threads(1)
@@ -43,27 +44,10 @@ def zoo(tmp_path_factory) -> dict[str, Path]:
 
 
 def _reference(method: str, base: dict, models: list[dict], w, seed=0, **p) -> dict:
-    """float64 numpy reference for every tensor (DARE's uniform draws taken from torch)."""
-    from test_merge_methods import _ties_ref
-
-    out = {}
-    for name, b in base.items():
-        thetas = [m[name] for m in models]
-        vs = [t - b for t in thetas]
-        if method.startswith("dare"):
-            g = torch.Generator().manual_seed(tensor_seed(seed, name))
-            u = [torch.rand(b.shape, generator=g).double().numpy() for _ in vs]
-            p_ = p["drop_prob"]
-            vs = [v * (ui >= p_) / (1 - p_) for v, ui in zip(vs, u, strict=True)]
-        if method in ("dem", "dare_linear"):
-            out[name] = b + sum(wi * v for wi, v in zip(w, vs, strict=True))
-        elif method == "task_arithmetic":
-            out[name] = b + p["lam"] * sum(wi * v for wi, v in zip(w, vs, strict=True))
-        elif method == "linear":
-            out[name] = sum(wi * t for wi, t in zip(w, thetas, strict=True))
-        else:
-            out[name] = b + p.get("lam", 1.0) * _ties_ref(vs, w, p["density"])
-    return out
+    """float64 numpy reference for every tensor (random draws taken from torch by seed)."""
+    p = resolve_params(METHODS[method], p)
+    return {name: reference(method, b, [m[name] for m in models], w, p, tensor_seed(seed, name))
+            for name, b in base.items()}  # fmt: skip
 
 
 def _assert_close(got: dict, ref: dict, atol=1e-6):
@@ -79,21 +63,38 @@ CASES = [
     ("ties", {"density": 0.3, "lam": 1.2}),
     ("dare_linear", {"drop_prob": 0.4}),
     ("dare_ties", {"drop_prob": 0.4, "density": 0.6}),
+    ("breadcrumbs", {"density": 0.8, "gamma": 0.05}),
+    ("breadcrumbs_ties", {"density": 0.7, "gamma": 0.1, "lam": 1.3}),
+    ("della", {"density": 0.6, "epsilon": 0.2}),
+    ("della_linear", {"density": 0.5, "epsilon": 0.1}),
+    ("model_stock", {}),
+    ("slerp", {}),
 ]
 
 
+def _models(zoo, method):
+    """The inputs a method takes here: slerp one model, at t = 0.4; ties-like positive weights."""
+    if method == "slerp":
+        return [(zoo["m1"], 0.4)]
+    w = W if method in ("dem", "linear", "task_arithmetic", "dare_linear") else [0.7, 0.4]
+    return [(zoo["m1"], w[0]), (zoo["m2"], w[1])]
+
+
 @pytest.mark.parametrize(("method", "params"), CASES, ids=[c[0] for c in CASES])
-def test_every_method_streams_to_the_float64_reference(zoo, tmp_path, method, params):
-    w = [0.7, 0.4] if "ties" in method else W
-    out = M.merge(zoo["base"], [(zoo["m1"], w[0]), (zoo["m2"], w[1])], tmp_path / "out",
-                  method=method, seed=3, progress=False, **params)  # fmt: skip
-    ref = _reference(method, load_weights(zoo["base"]),
-                     [load_weights(zoo["m1"]), load_weights(zoo["m2"])], w, seed=3, **params)  # fmt: skip
+def test_every_method_streams_to_the_float64_reference(zoo, tmp_path, monkeypatch, method, params):
+    # blocks of 3 rows (96 elements): every matrix is merged over several blocks and passes
+    monkeypatch.setattr(M, "CHUNK", 96)
+    models = _models(zoo, method)
+    w = [x for _, x in models]
+    out = M.merge(zoo["base"], models, tmp_path / "out", method=method, seed=3, progress=False,
+                  **params)  # fmt: skip
+    ref = _reference(method, load_weights(zoo["base"]), [load_weights(p) for p, _ in models], w,
+                     seed=3, **params)  # fmt: skip
     _assert_close(load_weights(out), ref)
     record = json.loads((out / "dem_merge.json").read_text())
     assert record["method"] == method and record["weights"] == w
     assert params.items() <= record["parameters"].items()
-    assert record["parameters"].get("seed") == (3 if "dare" in method else None)
+    assert record["parameters"].get("seed") == (3 if METHODS[method].random else None)
 
 
 def test_output_loads_and_is_sharded_with_copied_files(zoo, tmp_path):
@@ -183,8 +184,8 @@ def test_integer_and_bool_tensors_are_copied_from_base(tmp_path):
 
     base, m1, m2 = folder("base", 0), folder("m1", 1), folder("m2", 2)
     for method, params in CASES:
-        out = M.merge(base, [(m1, 0.5), (m2, 0.5)], tmp_path / method, method=method,
-                      progress=False, **params)  # fmt: skip
+        models = [(m1, 0.5)] if method == "slerp" else [(m1, 0.5), (m2, 0.5)]
+        out = M.merge(base, models, tmp_path / method, method=method, progress=False, **params)
         got, want = load_file(out / "model.safetensors"), load_file(base / "model.safetensors")
         assert torch.equal(got["ids"], want["ids"]) and got["ids"].dtype == torch.int64
         assert torch.equal(got["mask"], want["mask"]) and got["mask"].dtype == torch.bool
@@ -305,8 +306,10 @@ def test_hash_cache_follows_file_changes(zoo, tmp_path):
     assert sha() == {"model.safetensors": digest} != first
 
 
-def test_streamed_and_in_memory_merges_are_the_same_computation(zoo, tmp_path):
-    """From the same vectors, dem merge and the in-memory search give identical bits."""
+def test_streamed_and_in_memory_merges_are_the_same_computation(zoo, tmp_path, monkeypatch):
+    """From the same vectors, dem merge (in blocks of 3 rows) and the in-memory search (whole
+    tensors) give identical bits, for every method the search can run."""
+    monkeypatch.setattr(M, "CHUNK", 96)
     from transformers import LlamaForCausalLM
 
     from dem.search import InMemoryMerge
@@ -317,6 +320,8 @@ def test_streamed_and_in_memory_merges_are_the_same_computation(zoo, tmp_path):
     model = LlamaForCausalLM.from_pretrained(zoo["base"], dtype=torch.float32)
     merger = InMemoryMerge(model, {f.name: load_vector(f) for f in folders})
     for method, params in CASES:
+        if method == "slerp":  # one model: the search holds two
+            continue
         params = {**params, "seed": 3}
         merger.apply_method(method, W, **params)
         out = M.merge(zoo["base"], list(zip(folders, W, strict=True)), tmp_path / method,
@@ -324,3 +329,36 @@ def test_streamed_and_in_memory_merges_are_the_same_computation(zoo, tmp_path):
         streamed = load_file(out / "model.safetensors")
         for name, tensor in model.state_dict().items():
             assert torch.equal(tensor, streamed[name]), (method, name)
+
+
+def test_inputs_are_hashed_as_the_merge_reads_them(zoo, tmp_path, monkeypatch):
+    """A cold merge hashes each file in pieces, in order, as its blocks are read (one read of
+    each byte), not in one pass of its own; a warm one hashes nothing."""
+    from dem import hashing
+
+    monkeypatch.setattr(M, "CHUNK", 96)
+    pieces: dict[Path, list[tuple[int, int]]] = {}
+    original = hashing.StreamHasher._hash
+
+    def spy(self, lo, hi):
+        pieces.setdefault(self.path, []).append((lo, hi))
+        return original(self, lo, hi)
+
+    monkeypatch.setattr(hashing.StreamHasher, "_hash", spy)
+    models = [(zoo["m1"], 0.5), (zoo["m2"], 0.5)]
+    out = M.merge(zoo["base"], models, tmp_path / "a", method="ties", progress=False)
+    record = json.loads((out / "dem_merge.json").read_text())
+    files = [zoo["base"] / "model.safetensors", zoo["m1"] / "model.safetensors",
+             *sorted(zoo["m2"].glob("model-*.safetensors"))]  # fmt: skip
+    assert set(pieces) == set(files)
+    for file in files:
+        ranges = pieces[file]
+        assert ranges[0][0] == 0 and ranges[-1][1] == file.stat().st_size
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False)), file
+    assert len(pieces[zoo["m1"] / "model.safetensors"]) > 10  # followed the reads, block by block
+    for entry in [record["base"], *record["models"]]:
+        for file, digest in entry["sha256"].items():
+            assert hashlib.sha256((Path(entry["path"]) / file).read_bytes()).hexdigest() == digest
+    pieces.clear()
+    M.merge(zoo["base"], models, tmp_path / "b", method="ties", progress=False)
+    assert pieces == {}  # every digest came from the cache

@@ -15,9 +15,10 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "merge",
         help="merge fine-tuned models (or distribution vectors) into one model",
-        description="Merge fine-tuned models, or saved distribution vectors, with a base model.\n"
-        "Streams tensor by tensor (memory: a few tensors), computes in float32, and writes an\n"
-        "ordinary Hugging Face model folder with dem_merge.json (method, weights, input hashes).",
+        description="Merge fine-tuned models, saved distribution vectors or LoRA adapters with a\n"
+        "base model. Streams in blocks of rows (memory: a few blocks per model), reads and hashes\n"
+        "each input once, computes in float32, and writes an ordinary Hugging Face model folder\n"
+        "with dem_merge.json (method, weights, parameters, input hashes).",
         epilog=_MERGE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -32,8 +33,8 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
         metavar="PATH=WEIGHT",
         action="append",
         dest="models",
-        help="a fine-tuned model folder or a vector folder (from `dem vectors "
-        "extract`) and its weight w_i; repeat for each model",
+        help="a fine-tuned model folder, a vector folder (from `dem vectors "
+        "extract`) or a peft LoRA adapter folder, and its weight w_i; repeat for each model",
     )
     p.add_argument("--out", metavar="OUT", help="output model folder (created when complete)")
     p.add_argument(
@@ -109,9 +110,12 @@ def _param_help(param: Param) -> str:
 
 _SETTINGS = ("base", "models", "out", "method", "dtype", "compute_dtype")
 _MERGE_KEYS = {*_SETTINGS, *(p.config_key for p in PARAMS.values()), "overwrite", "max_shard_size"}
-_METHOD_ROWS = "\n".join(f"  {m.name:<16} {m.formula:<40} ({m.about})" for m in METHODS.values())
+_METHOD_ROWS = "\n".join(
+    f"  {m.name:<16} {m.formula:<40}{' *' if m.stats else ''} ({m.about})" for m in METHODS.values()
+)
 _MERGE_EPILOG = f"""\
-methods (θ0 = base, v_i = θ_i − θ0, w_i = the model's weight):
+methods (θ0 = base, v_i = θ_i − θ0, w_i = the model's weight; * = a statistics pass over each
+tensor first; each method's exact conventions are in the README and dem/methods.py):
 {_METHOD_ROWS}
 
 {
