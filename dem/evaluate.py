@@ -51,6 +51,7 @@ def response_nll(
     prompts with short answers (BoolQ passages, multiple choice) that skips most of the
     batch x length x vocabulary logits tensor, the largest of the forward pass.
     """
+    import torch
     import torch.nn.functional as F
 
     ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -66,7 +67,8 @@ def response_nll(
     else:
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
     nll = F.cross_entropy(
-        logits.float().reshape(-1, logits.size(-1)),
+        # at least float32 (bf16 logits round the loss); a float64 model keeps float64
+        logits.to(torch.promote_types(logits.dtype, torch.float32)).reshape(-1, logits.size(-1)),
         target.reshape(-1),
         ignore_index=IGNORE_INDEX,
         reduction=reduction,
@@ -125,6 +127,15 @@ class _eval_mode:
         self.model.train(self.was_training)
 
 
+def cache_keyword(model: Any) -> str:
+    """The name of ``model.forward``'s KV cache, argument and output alike: ``cache`` in
+    transformers 5.2x and later, ``past_key_values`` before (still accepted there, with a
+    deprecation warning at every decoding step)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def _static_cache(model: Any, length: int) -> Any:
     """A preallocated KV cache, or None (dynamic cache) where the model does not support one.
 
@@ -132,6 +143,8 @@ def _static_cache(model: Any, length: int) -> Any:
     static cache and ~12 ms with the default dynamic one, which re-concatenates every layer's
     keys and values at each step.
     """
+    if hasattr(model, "static_cache"):  # a model made of models (dem.ensemble): one per member
+        return model.static_cache(length)
     try:
         from transformers import StaticCache
 
@@ -161,6 +174,7 @@ def greedy_generate(
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)
     cache = _static_cache(model, width + max_new_tokens)
+    cache_name = cache_keyword(model)
     out = torch.empty((batch, 0), dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     step_ids, start = ids, 0
@@ -171,14 +185,14 @@ def greedy_generate(
                 input_ids=step_ids,
                 attention_mask=mask[:, :end],
                 position_ids=positions,
-                past_key_values=cache,
+                **{cache_name: cache},
                 cache_position=torch.arange(start, end, device=device),
                 use_cache=True,
                 # Only the last position's logits are needed: over a 50k vocabulary the full
                 # prefill logits would be the largest tensor of the whole step.
                 logits_to_keep=1,
             )
-            cache = result.past_key_values
+            cache = getattr(result, cache_name)
             token = result.logits[:, -1].argmax(-1)
             token = torch.where(done, torch.full_like(token, eos_id), token)
             out = torch.cat([out, token[:, None]], dim=1)

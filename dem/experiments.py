@@ -7,6 +7,7 @@ Every choice is made on validation; test only reports.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,13 +29,20 @@ if TYPE_CHECKING:
 
 # --- chapter 04: the weight search, the landscape, the baselines ---------------------------------
 def search_cost(trials: pd.DataFrame) -> dict:
-    """What a weight search cost: candidates, wall seconds, and merge time / evaluation time."""
+    """What a weight search cost: candidates, wall seconds, and merge time / evaluation time;
+    for a gradient search also its steps and their seconds (part of the wall time)."""
     overhead = trials["merge_s"].sum() / trials["eval_s"].sum()
-    return {
+    cost = {
         "candidates": len(trials),
         "wall_s": float(trials["merge_s"].sum() + trials["eval_s"].sum()),
         "merge_overhead": float(overhead),
     }
+    path = trials.attrs.get("gradient_path")
+    if path is not None and len(path):
+        cost["steps"] = len(path)
+        cost["steps_s"] = float(path["step_s"].sum())
+        cost["wall_s"] += cost["steps_s"]
+    return cost
 
 
 def landscape(
@@ -152,6 +160,155 @@ def evaluate_merges(
             )
         )
     return pd.concat(tables, ignore_index=True)
+
+
+# --- chapter 04: beyond the grid -- gradient search, per-layer weights, the output ensemble -----
+def fit_examples(sources: Sequence, max_examples: int | None) -> tuple[dict[str, list], bool]:
+    """The validation examples a gradient search fits on, per source, and whether they overlap
+    the ones every method is selected on (the first ``max_examples``).
+
+    Fitting many weights and selecting on the same examples would reward overfitting, so the fit
+    takes the next ``max_examples`` validation examples (the rest, if fewer). Only when the
+    validation split has nothing beyond the selection examples does it fit on those, and says so.
+    """
+    fit, overlap = {}, False
+    for source in sources:
+        examples = source.examples("validation")
+        m = max_examples or len(examples) // 2
+        rest = examples[m : 2 * m]
+        if not rest:
+            rest, overlap = examples[:m], True
+        fit[source.name] = rest
+    return fit, overlap
+
+
+def gradient_search(
+    merger: InMemoryMerge,
+    tokenizer,
+    sources: Sequence,
+    score,
+    *,
+    granularity: str = "source",
+    steps: int = 50,
+    lr: float = 0.05,
+    high: float = 1.5,
+    minibatch: int = 16,
+    select_every: int = 10,
+    max_examples: int | None = None,
+    minimize: bool = True,
+    max_length: int = 512,
+) -> pd.DataFrame:
+    """DEM's weights by gradient descent on the validation loss, chosen among the descent's
+    points by ``score`` (the search metric every method is selected by).
+
+    One weight per source, or per source and block of layers (``granularity="layer"``), kept in
+    [0, ``high``]. Each step's loss and derivative come from one ``minibatch`` of fit examples
+    per source (cycled in order, so the run is deterministic), from :func:`fit_examples`. The
+    table is :func:`dem.search.search_weights`'s; ``attrs`` holds the descent's path and the
+    fit/selection split.
+    """
+    from dem.search import fit_batches
+
+    fit, overlap = fit_examples(sources, max_examples)
+    batches = fit_batches(tokenizer, sources, fit, batch_size=minibatch, max_length=max_length)
+
+    def one_batch(w, step):
+        chosen = {s: [b[step % len(b)]] for s, b in batches.items()}
+        return merger.loss_and_gradient(w, chosen)
+
+    trials = search_weights(score, merger.weight_names(granularity), "gradient", gradient=one_batch,
+                            steps=steps, lr=lr, low=0.0, high=high, select_every=select_every,
+                            minimize=minimize)  # fmt: skip
+    trials.attrs.update(granularity=granularity, fit_examples=sum(map(len, fit.values())),
+                        fit_overlaps_selection=overlap)  # fmt: skip
+    return trials
+
+
+def compare_searches(searches: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    """One row per weight search: the best objective it reached on the selection examples, the
+    candidates it scored, its gradient steps and its wall time (steps included)."""
+    rows = []
+    for label, trials in searches.items():
+        cost = search_cost(trials)
+        rows.append({"search": label, "best_objective": float(trials["objective"].iloc[0]),
+                     "candidates": cost["candidates"], "steps": cost.get("steps", 0),
+                     "wall_s": round(cost["wall_s"], 1),
+                     "fit_overlaps_selection": trials.attrs.get("fit_overlaps_selection")})  # fmt: skip
+    return pd.DataFrame(rows).set_index("search")
+
+
+def layer_weights(w: Mapping[str, float]) -> pd.DataFrame:
+    """Per-layer weights ``{"source@block": w}`` as a sources × blocks table (blocks in order)."""
+    rows = [(*key.split("@", 1), value) for key, value in w.items()]
+    table = pd.DataFrame(rows, columns=["source", "block", "weight"])
+    return table.pivot_table(index="source", columns="block", values="weight", sort=False)
+
+
+def load_members(paths: Sequence[Path], device) -> list:
+    """The per-source fine-tuned models, in evaluation mode, for :class:`dem.ensemble.Ensemble`."""
+    members = []
+    for path in paths:
+        model, _ = models.load_model(str(path), device=device)
+        members.append(model.eval())
+    return members
+
+
+def ensemble_search(
+    members: Sequence,
+    tokenizer,
+    sources: Sequence,
+    *,
+    values: Sequence[float],
+    metric: str = "loss",
+    max_examples: int | None = None,
+    batch_size: int = 64,
+    rounds: int = 1,
+) -> pd.DataFrame:
+    """The output ensemble's (MDE's) weights on validation, by the search metric of every method.
+
+    Coordinate ascent over ``values`` from the uniform mixture (the grid would cost K forward
+    passes per token for each of its candidates); the individuals are candidates too. Weights
+    are normalised inside the ensemble, so only their ratios matter; all-zero is skipped.
+    """
+    from dem.ensemble import Ensemble
+
+    names = [s.name for s in sources]
+
+    def score(w: Mapping[str, float]) -> dict:
+        if not any(w.values()):
+            return {"objective": float("inf") if MINIMIZE[metric] else float("-inf")}
+        ensemble = Ensemble(members, [w[n] for n in names])
+        start = time.perf_counter()
+        table = evaluate(ensemble, tokenizer, list(sources), "validation", metrics=(metric,),
+                         max_examples=max_examples, batch_size=batch_size)  # fmt: skip
+        values_ = table[table["metric"] == metric].set_index("source")["value"]
+        return {"objective": float(values_.mean()),
+                **{f"{metric}/{s}": float(v) for s, v in values_.items()},
+                "merge_s": 0.0, "eval_s": time.perf_counter() - start,
+                "forward_passes": ensemble.forward_passes}  # fmt: skip
+
+    return search_weights(score, names, "coordinate", values=values, rounds=rounds,
+                          start=max(values), minimize=MINIMIZE[metric])  # fmt: skip
+
+
+def evaluate_ensemble(
+    members: Sequence,
+    tokenizer,
+    weights: Mapping[str, float],
+    sources: Sequence,
+    names: Sequence[str],
+    split: str = "test",
+    *,
+    label: str = "mde",
+    max_examples: int | None = None,
+    batch_size: int = 64,
+) -> pd.DataFrame:
+    """The ensemble with ``weights`` (in the order of ``names``) evaluated like a merge."""
+    from dem.ensemble import Ensemble
+
+    ensemble = Ensemble(members, [weights[n] for n in names])
+    return evaluate(ensemble, tokenizer, sources, split, metrics=("loss", "accuracy"),
+                    max_examples=max_examples, batch_size=batch_size, model_name=label)  # fmt: skip
 
 
 # --- chapter 05: choosing the mixture ratio ------------------------------------------------------

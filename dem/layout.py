@@ -38,6 +38,11 @@ TABLES = {
     "03_merge_gaps": ".csv",  # 03 -> 06: best loss on that path minus the two experts' loss
     "04_dem_trials": ".csv",  # 04: every candidate of the DEM weight search
     "04_landscape": ".csv",  # 04: the objective over two sources' weights
+    "04_dem_gradient_trials": ".csv",  # 04: the gradient search's scored candidates
+    "04_dem_gradient_path": ".csv",  # 04: its steps: minibatch loss and weights
+    "04_dem_layer_trials": ".csv",  # 04: the same with one weight per source and block of layers
+    "04_dem_layer_path": ".csv",
+    "04_mde_trials": ".csv",  # 04: the output ensemble's weight search
     "04_merge_test": ".csv",  # 04 -> 06: test scores of DEM and the merging baselines
     "04_merge_settings": ".json",  # 04 -> 06: searched weights, λs, the search's cost
     "05_dmix_costs": ".csv",  # 05 -> 06: cost record of each DMix run
@@ -58,6 +63,8 @@ FIGURES = (
     "03_straight_path",
     "03_between_fine_tunes",
     "04_landscape",
+    "04_gradient_paths",
+    "04_layer_weights",
     "05_dmix_accuracy",
     "06_scores_by_method",
     "06_cost_vs_quality",

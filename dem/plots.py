@@ -65,6 +65,16 @@ def loss_curves(logs: pd.DataFrame, value: str = "loss") -> plt.Figure:
     return fig
 
 
+def gradient_paths(paths: dict[str, pd.DataFrame]) -> plt.Figure:
+    """The gradient weight search's minibatch loss per step, one line per search (a path table
+    per label: step, loss)."""
+    long = pd.concat([p[["step", "loss"]].assign(search=label) for label, p in paths.items()])
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    sns.lineplot(data=long, x="step", y="loss", hue="search", ax=ax)
+    ax.set(title="Gradient weight search: validation loss (fit minibatches)", ylabel="loss")
+    return fig
+
+
 def score_heatmap(table: pd.DataFrame, title: str, fmt: str = ".2f", **kwargs) -> plt.Figure:
     """A matrix (rows × columns) of scores with the numbers written in."""
     fig, ax = plt.subplots(figsize=(1.2 + 1.1 * table.shape[1], 0.8 + 0.5 * table.shape[0]))

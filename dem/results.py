@@ -17,6 +17,9 @@ from dem.layout import RunLayout
 
 # The merging baselines of chapter 04: all start from the K per-source fine-tunes.
 MERGE_BASELINES = ("average", "task_arithmetic", "ties", "dare")
+# chapter 04's searches beyond the grid, each with its own cost: DEM's weights by gradient, one
+# weight per source and block of layers, and the output ensemble of the fine-tunes (MDE)
+BEYOND_GRID = ("dem_gradient", "dem_layer", "mde")
 
 
 def write_table(table: pd.DataFrame, path: str | Path, **to_csv) -> Path:
@@ -75,8 +78,10 @@ def method_entry(
     composite: float | None,
     train_tokens: float,
     wall_s: float,
+    forward_passes: int = 1,
 ) -> dict:
-    """One method's record in ``metrics.json``: test scores, their average, composite, cost."""
+    """One method's record in ``metrics.json``: test scores, their average, composite, cost
+    (training tokens, wall seconds, and forward passes per generated token at inference)."""
     missing = [s for s in sources if s not in test]
     if missing:
         raise DemError(f"no test score for source(s) {missing}")
@@ -85,7 +90,11 @@ def method_entry(
         "test": scores,
         "average": sum(scores.values()) / len(scores),
         "composite": None if composite is None else float(composite),
-        "cost": {"train_tokens": int(train_tokens), "wall_s": round(float(wall_s), 2)},
+        "cost": {
+            "train_tokens": int(train_tokens),
+            "wall_s": round(float(wall_s), 2),
+            "forward_passes": int(forward_passes),
+        },  # fmt: skip
     }
 
 
@@ -170,21 +179,28 @@ def _by_pair(table: pd.DataFrame | None, column: str) -> dict | None:
 
 
 def method_costs(results: ChapterResults, names: Sequence[str]) -> dict[str, tuple]:
-    """(training tokens, wall seconds) per method, beyond the shared base.
+    """(training tokens, wall seconds[, forward passes]) per method, beyond the shared base.
 
-    DEM pays the K fine-tunes plus its weight search; the merging baselines the K fine-tunes;
-    the best DMix **all** runs of its ratio search (that is what finding the ratio took); the
-    uniform DMix its one run.
+    DEM pays the K fine-tunes plus its weight search (each search beyond the grid its own);
+    the merging baselines the K fine-tunes; the best DMix **all** runs of its ratio search
+    (that is what finding the ratio took); the uniform DMix its one run. The output ensemble
+    also pays at inference: one forward pass per member it uses.
     """
     ft, dmix = results.ft_costs, results.dmix_costs
     dem_tokens, dem_wall = results.finetunes_cost
     search_tokens, search_wall = results.dmix_search_cost
     uniform = results.dmix_uniform
+    searches = results.merge_settings.get("searches", {})  # absent in runs made before them
     return {
         "base": (0, 0),
         **{f"individual/{n}": (ft.train_tokens[n], ft.wall_s[n]) for n in names},
         "dem": (dem_tokens, dem_wall + results.merge_settings["search"]["wall_s"]),
         **{m: (dem_tokens, dem_wall) for m in MERGE_BASELINES},
+        **{
+            m: (dem_tokens, dem_wall + searches[m]["wall_s"], searches[m].get("forward_passes", 1))
+            for m in BEYOND_GRID
+            if m in searches
+        },  # fmt: skip
         "dmix_uniform": (dmix.train_tokens[uniform], dmix.wall_s[uniform]),
         "dmix_best": (search_tokens, search_wall),
     }
@@ -194,7 +210,7 @@ def build_metrics(results: ChapterResults, names: Sequence[str], composite: str 
     """The content of ``metrics.json``: one :func:`method_entry` per method, and the cost ratio."""
     acc = results.accuracy
     methods = {}
-    for method, (tokens, wall) in method_costs(results, names).items():
+    for method, (tokens, wall, *passes) in method_costs(results, names).items():
         row = acc.loc[results.model_of(method)]
         methods[method] = method_entry(
             row,
@@ -202,6 +218,7 @@ def build_metrics(results: ChapterResults, names: Sequence[str], composite: str 
             composite=row.get(composite) if composite else None,
             train_tokens=tokens,
             wall_s=wall,
+            forward_passes=passes[0] if passes else 1,
         )
     dem_tokens = results.finetunes_cost[0]
     search_tokens = results.dmix_search_cost[0]

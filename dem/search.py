@@ -5,15 +5,22 @@ Here the live model's parameters are overwritten with ``theta_base + sum_i w_i *
 own device (the base and the vectors are kept there in float32), so a candidate costs a few
 vector additions plus its evaluation — no disk, no reload.
 
-Three strategies share one interface (:func:`search_weights`): the paper's Cartesian ``grid``,
-``random`` sampling, and ``coordinate`` ascent (sweep one source's weight at a time, keep the
-best, repeat), which needs far fewer evaluations than the grid when there are many sources.
-Every trial comes back as one row of a table; the best is chosen on validation only.
+Four strategies share one interface (:func:`search_weights`): the paper's Cartesian ``grid``,
+``random`` sampling, ``coordinate`` ascent (sweep one source's weight at a time, keep the best,
+repeat), which needs far fewer evaluations than the grid when there are many sources, and
+``gradient`` descent on the validation loss. The last uses what makes DEM special: the merge
+θ(w) = θ0 + Σ_i w_i·v_i is linear in w, so ∂L/∂w_i = Σ_tensors ⟨∇_θ L(θ(w)), v_i⟩ — one forward
+and backward pass gives the derivative for every source at once (:meth:`InMemoryMerge.
+loss_and_gradient`), and for one weight per source *and block of layers* as cheaply
+(``granularity="layer"``). Every trial comes back as one row of a table; the best is chosen on
+validation only, by the same metric whatever the strategy.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 
@@ -23,9 +30,52 @@ import torch
 from dem import DemError
 from dem.methods import METHODS, check_weights, get_method, resolve_params, tensor_generator
 
-STRATEGIES = ("grid", "random", "coordinate")
+STRATEGIES = ("grid", "random", "coordinate", "gradient")
+GRANULARITIES = ("source", "layer")
 # Lower is better for losses; higher for scores. The objective is the mean over sources.
 MINIMIZE = {"loss": True, "accuracy": False}
+
+
+def tensor_blocks(names) -> dict[str, str]:
+    """The block of layers each tensor belongs to, for per-layer weights: ``layer<i>`` for the
+    tensors of transformer layer i, ``embed`` for the input embeddings, ``head`` for the rest
+    (final norm, output layer; a tied output layer is the embedding)."""
+    blocks = {}
+    for n in names:
+        layer = re.search(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.", n)
+        if layer:
+            blocks[n] = f"layer{int(layer.group(1))}"
+        elif re.search(r"embed|wte|wpe", n):
+            blocks[n] = "embed"
+        else:
+            blocks[n] = "head"
+    return blocks
+
+
+def _block_rank(block: str) -> tuple[int, int]:
+    if block == "embed":
+        return (0, 0)
+    if block.startswith("layer"):
+        return (1, int(block[5:]))
+    return (2, 0)
+
+
+def fit_batches(
+    tokenizer, sources, examples: Mapping[str, Sequence], *, batch_size: int = 16, max_length: int
+) -> dict[str, list[dict[str, torch.Tensor]]]:
+    """Per source, the examples as padded batches (similar lengths together), for
+    :meth:`InMemoryMerge.loss_and_gradient`; encoded once, reused at every step."""
+    from dem.data import encode_examples, pad_batch
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = {}
+    for source in sources:
+        name = getattr(source, "name", source)
+        encoded = encode_examples(tokenizer, examples[name], max_length, too_long="truncate")
+        encoded.sort(key=lambda e: len(e["input_ids"]))
+        out[name] = [pad_batch(encoded[i : i + batch_size], pad)
+                     for i in range(0, len(encoded), batch_size)]  # fmt: skip
+    return out
 
 
 class InMemoryMerge:
@@ -44,7 +94,11 @@ class InMemoryMerge:
         self.sources = list(vectors)
         # named_parameters() drops duplicates, so a tied lm_head appears once (as the embedding).
         self.params = {n: p for n, p in model.named_parameters() if p.is_floating_point()}
-        self.theta_base = {n: p.detach().float().clone() for n, p in self.params.items()}
+        # float32 arithmetic (float64 for a float64 model: exact checks of the derivative)
+        self.dtypes = {
+            n: torch.promote_types(p.dtype, torch.float32) for n, p in self.params.items()
+        }
+        self.theta_base = {n: p.detach().to(self.dtypes[n]).clone() for n, p in self.params.items()}
         self.vectors: dict[str, dict[str, torch.Tensor]] = {}
         for source, vector in vectors.items():
             missing = [n for n in self.params if n not in vector]
@@ -60,8 +114,20 @@ class InMemoryMerge:
                         f"distribution vector {source!r}: tensor {n!r} has shape "
                         f"{tuple(vector[n].shape)}, the model expects {tuple(p.shape)}"
                     )
-                stored[n] = vector[n].to(device=p.device, dtype=torch.float32)
+                stored[n] = vector[n].to(device=p.device, dtype=self.dtypes[n])
             self.vectors[source] = stored
+        self.block_of = tensor_blocks(self.params)
+        self.blocks = list(dict.fromkeys(sorted(self.block_of.values(), key=_block_rank)))
+
+    def weight_names(self, granularity: str = "source") -> list[str]:
+        """The names of the weights a search sets: one per source (``"facts"``), or one per source
+        and block of layers (``"facts@layer3"``; blocks are ``embed``, ``layer<i>``, ``head``)."""
+        if granularity not in GRANULARITIES:
+            raise DemError(f"unknown granularity {granularity!r}; choose one of "
+                           f"{', '.join(GRANULARITIES)}")  # fmt: skip
+        if granularity == "source":
+            return list(self.sources)
+        return [f"{s}@{b}" for s in self.sources for b in self.blocks]
 
     @torch.no_grad()
     def apply(self, w: Mapping[str, float] | Sequence[float]) -> None:
@@ -71,19 +137,71 @@ class InMemoryMerge:
         have; :meth:`apply_method` adds θ0 last, as :func:`dem.merge.merge` does, so the two
         can differ in the last bit.
         """
+        dem = METHODS["dem"]
+        if isinstance(w, Mapping) and any("@" in k for k in w):  # one weight per source and block
+            per_block = self._block_weights(w)
+            for n, p in self.params.items():
+                weights = {s: per_block[s][self.block_of[n]] for s in self.sources}
+                used = [s for s, w_i in weights.items() if w_i != 0.0]
+                p.copy_(dem.merge(self.theta_base[n], [self.vectors[s][n] for s in used],
+                                  [weights[s] for s in used], {}, onto_base=True))  # fmt: skip
+            return
         weights = self._weights(w)
         used = [s for s, w_i in weights.items() if w_i != 0.0]
-        dem = METHODS["dem"]
         for n, p in self.params.items():
             vectors = [self.vectors[s][n] for s in used]
             p.copy_(dem.merge(self.theta_base[n], vectors, [weights[s] for s in used], {},
                               onto_base=True))  # fmt: skip
+
+    def loss_and_gradient(
+        self, w: Mapping[str, float], batches: Mapping[str, Sequence[Mapping[str, torch.Tensor]]]
+    ) -> tuple[float, dict[str, float]]:
+        """The validation loss J at θ(w) and its derivative ∂J/∂w for every weight in ``w``.
+
+        J is the mean over sources of each source's response loss per token (what
+        :func:`validation_scorer` reports as ``loss``), computed on ``batches`` (per source,
+        :func:`dem.data.pad_batch` batches; see :func:`fit_batches`). θ(w) is linear in w, so
+        ∂J/∂w_i = Σ_tensors ⟨∇_θ J, v_i⟩, summed over the tensors of w_i's block when ``w`` has
+        one weight per source and block — one backward pass serves every weight. The model
+        is left at θ(w).
+        """
+        from dem.data import IGNORE_INDEX
+        from dem.evaluate import _eval_mode, response_nll
+
+        self.apply(w)
+        device = next(self.model.parameters()).device
+        for p in self.params.values():
+            p.requires_grad_(True)
+            p.grad = None
+        total = 0.0
+        with _eval_mode(self.model), torch.enable_grad():  # eval: no dropout in the objective
+            for source_batches in batches.values():
+                tokens = sum(
+                    int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in source_batches
+                )
+                for batch in source_batches:
+                    batch = {k: v.to(device) for k, v in batch.items()}
+                    nll, _ = response_nll(self.model, batch, reduction="sum")
+                    loss = nll / (max(tokens, 1) * len(batches))
+                    loss.backward()
+                    total += float(loss.detach())
+        per_block = isinstance(w, Mapping) and any("@" in k for k in w)
+        grads: dict[str, float] = dict.fromkeys(w, 0.0)
+        with torch.no_grad():
+            for n, p in self.params.items():
+                g = p.grad.to(self.dtypes[n])
+                for s in self.sources:
+                    key = f"{s}@{self.block_of[n]}" if per_block else s
+                    grads[key] += float(torch.sum(g * self.vectors[s][n], dtype=torch.float64))
+                p.grad = None
+        return total, grads
 
     @torch.no_grad()
     def apply_method(self, method: str, w: Mapping[str, float] | Sequence[float], **params):
         """Set the model to the merge of any method of :mod:`dem.methods` (TIES, DARE, ...), with
         the parameters, checks and per-tensor DARE seeds of the streaming :func:`dem.merge.merge`."""
         m = get_method(method)
+        m.check_models(len(self.sources))
         weights = check_weights(list(self._weights(w).values()))
         params = resolve_params(m, params)
         for n, p in self.params.items():
@@ -97,6 +215,14 @@ class InMemoryMerge:
 
     def restore_base(self) -> None:
         self.apply([0.0] * len(self.sources))
+
+    def _block_weights(self, w: Mapping[str, float]) -> dict[str, dict[str, float]]:
+        expected = self.weight_names("layer")
+        unknown = sorted(set(w) - set(expected))
+        if unknown:
+            raise DemError(f"per-layer weights name unknown source@block {unknown[:3]}; "
+                           f"known: {expected[:3]}... ({len(expected)} in all)")  # fmt: skip
+        return {s: {b: float(w.get(f"{s}@{b}", 0.0)) for b in self.blocks} for s in self.sources}
 
     def _weights(self, w: Mapping[str, float] | Sequence[float]) -> dict[str, float]:
         if isinstance(w, Mapping):
@@ -124,6 +250,11 @@ def search_weights(
     seed: int = 0,
     minimize: bool = True,
     include_individuals: bool = True,
+    gradient: Callable[[dict[str, float], int], tuple[float, dict[str, float]]] | None = None,
+    steps: int = 100,
+    lr: float = 0.05,
+    select_every: int = 25,
+    start: float | None = None,
 ) -> pd.DataFrame:
     """Evaluate candidate weights and return every trial as a table, best first.
 
@@ -138,6 +269,19 @@ def search_weights(
     pick a merge scoring worse on validation than simply using the best single fine-tune would
     be a search that loses to its own inputs. (The grid contains them already when ``values``
     holds 0 and 1; they are then not evaluated twice.)
+
+    ``start`` is coordinate ascent's and gradient descent's starting value for every weight
+    (default: coordinate, the value nearest 1/K; gradient, 1/K for K sources).
+
+    ``gradient`` descends the validation loss: ``gradient(w, step)`` returns (J, ∂J/∂w) at step
+    ``step`` (see :meth:`InMemoryMerge.loss_and_gradient`; the step picks a minibatch); from its
+    start it takes
+    ``steps`` Adam steps of size ``lr``, keeping each weight in ``[low, high]``, and scores the
+    start, every ``select_every``-th step and the end with ``score`` like any candidate — so
+    the choice among them is made by the same metric as every other strategy's. Each step's J
+    and w are in ``trials.attrs["gradient_path"]``. ``sources`` may name one weight per source
+    and block (``"facts@layer3"``, :meth:`InMemoryMerge.weight_names`); the individuals are then
+    each source's blocks all at 1.
     """
     if strategy not in STRATEGIES:
         raise DemError(
@@ -160,9 +304,11 @@ def search_weights(
         return seen[key]["objective"]
 
     better = (lambda a, b: a < b) if minimize else (lambda a, b: a > b)
+    owner = [name.split("@")[0] for name in sources]  # the source each weight belongs to
     if include_individuals:
-        for i in range(len(sources)):
-            evaluate([float(i == j) for j in range(len(sources))])
+        for source in dict.fromkeys(owner):
+            evaluate([float(o == source) for o in owner])
+    path: list[dict] = []
     if strategy == "grid":
         for candidate in itertools.product(values, repeat=len(sources)):
             evaluate(candidate)
@@ -171,8 +317,18 @@ def search_weights(
         points = low + (high - low) * torch.rand(n_trials, len(sources), generator=generator)
         for candidate in points.tolist():
             evaluate(candidate)
+    elif strategy == "gradient":
+        if gradient is None:
+            raise DemError("the gradient strategy needs gradient(w) -> (loss, dloss/dw)")
+        if steps < 1 or select_every < 1 or not lr > 0:
+            raise DemError(f"gradient search needs steps >= 1, select_every >= 1 and lr > 0; "
+                           f"got steps={steps}, select_every={select_every}, lr={lr}")  # fmt: skip
+        first = 1.0 / len(set(owner)) if start is None else start
+        path = _descend(evaluate, gradient, sources, first, steps=steps, lr=lr,
+                        low=low, high=high, select_every=select_every)  # fmt: skip
     else:
-        start = min(values, key=lambda x: abs(x - 1.0 / len(sources)))
+        if start is None:
+            start = min(values, key=lambda x: abs(x - 1.0 / len(sources)))
         best = [start] * len(sources)
         best_score = evaluate(best)
         for _ in range(rounds):
@@ -186,7 +342,40 @@ def search_weights(
             if not improved:
                 break
     table = pd.DataFrame(rows)
-    return table.sort_values("objective", ascending=minimize, kind="stable").reset_index(drop=True)
+    table = table.sort_values("objective", ascending=minimize, kind="stable").reset_index(drop=True)
+    if strategy == "gradient":
+        table.attrs["gradient_path"] = pd.DataFrame(path)
+    return table
+
+
+def _descend(evaluate, gradient, names, start, *, steps, lr, low, high, select_every) -> list[dict]:
+    """Projected Adam on the weights (β = 0.9, 0.999): each step's loss and weights, in order.
+
+    Hand-written rather than torch.optim.Adam: the weights are a handful of Python floats whose
+    derivative comes from :meth:`InMemoryMerge.loss_and_gradient`, not from autograd, and the
+    projection onto [low, high] follows each step.
+    """
+    w = [min(max(start, low), high)] * len(names)
+    m, v = [0.0] * len(w), [0.0] * len(w)
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    path = []
+    evaluate(w)
+    for t in range(1, steps + 1):
+        started = time.perf_counter()
+        loss, grads = gradient(dict(zip(names, w, strict=True)), t - 1)
+        path.append({"step": t - 1, "loss": loss, "step_s": time.perf_counter() - started,
+                     **{f"w_{n}": x for n, x in zip(names, w, strict=True)}})  # fmt: skip
+        g = [grads[n] for n in names]
+        if not all(math.isfinite(x) for x in g):
+            raise DemError(f"gradient search: non-finite derivative at step {t - 1} (loss {loss})")
+        for i, g_i in enumerate(g):
+            m[i] = b1 * m[i] + (1 - b1) * g_i
+            v[i] = b2 * v[i] + (1 - b2) * g_i * g_i
+            step = lr * (m[i] / (1 - b1**t)) / (math.sqrt(v[i] / (1 - b2**t)) + eps)
+            w[i] = min(max(w[i] - step, low), high)
+        if t % select_every == 0 or t == steps:
+            evaluate(w)
+    return path
 
 
 def best_weights(trials: pd.DataFrame) -> dict[str, float]:

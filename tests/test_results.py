@@ -92,6 +92,26 @@ def test_costs_charge_dem_its_finetunes_and_search_and_dmix_its_whole_ratio_sear
     assert costs["dmix_best"] == (800, 8.0)
 
 
+def test_searches_beyond_the_grid_pay_their_own_search_and_the_ensemble_its_inference(layout):
+    tidy = pd.read_csv(layout.table("04_merge_test"))
+    extra = tidy[tidy.model == "dem"].assign(model="mde")
+    write_table(pd.concat([tidy, extra.assign(model="dem_gradient"), extra]),
+                layout.table("04_merge_test"), index=False)  # fmt: skip
+    write_json(layout.table("04_merge_settings"),
+               {"dem_weights": {"a": 1.0, "b": 0.5}, "search": {"wall_s": 0.25},
+                "searches": {"dem_gradient": {"wall_s": 0.5},
+                             "mde": {"wall_s": 2.0, "forward_passes": 2}}})  # fmt: skip
+    chapters = ChapterResults.load(layout)
+    costs = method_costs(chapters, NAMES)
+    assert "dem_layer" not in costs  # not run: not reported
+    assert costs["dem_gradient"] == (400, 3.5, 1)
+    assert costs["mde"] == (400, 5.0, 2)
+    metrics = build_metrics(chapters, NAMES, "c")
+    assert metrics["methods"]["mde"]["cost"] == {"train_tokens": 400, "wall_s": 5.0,
+                                                 "forward_passes": 2}  # fmt: skip
+    assert metrics_table(metrics).loc["mde", "forward_passes"] == 2
+
+
 def test_metrics_reports_each_method_on_its_own_model_and_the_cost_ratio(layout):
     chapters = ChapterResults.load(layout)
     metrics = build_metrics(chapters, NAMES, "c")
@@ -102,7 +122,7 @@ def test_metrics_reports_each_method_on_its_own_model_and_the_cost_ratio(layout)
     dem = metrics["methods"]["dem"]
     assert dem["test"] == {"a": 0.88, "b": 0.7} and dem["composite"] == 0.5
     assert dem["average"] == pytest.approx(0.79)
-    assert dem["cost"] == {"train_tokens": 400, "wall_s": 3.25}
+    assert dem["cost"] == {"train_tokens": 400, "wall_s": 3.25, "forward_passes": 1}
     assert metrics["methods"]["dmix_best"]["test"] == {"a": 0.8, "b": 0.6}
     assert metrics["methods"]["dmix_uniform"]["test"] == {"a": 0.7, "b": 0.7}
     json.dumps(metrics)  # plain JSON types only: no numpy scalars written as strings

@@ -130,13 +130,19 @@ def test_apply_method_leaves_the_stored_vectors_alone():
     assert all(torch.equal(p, first[n]) for n, p in base.named_parameters())
     for s, vec in merger.vectors.items():
         assert all(torch.equal(v, stored[s][n]) for n, v in vec.items())
-    with pytest.raises(DemError, match="unknown merge method 'slerp'"):
+    with pytest.raises(DemError, match="unknown merge method 'bogus'"):
+        merger.apply_method("bogus", [0.5, 0.5])
+    with pytest.raises(DemError, match="'slerp' takes exactly 1 model"):
         merger.apply_method("slerp", [0.5, 0.5])
     with pytest.raises(DemError, match="density 2.0 must be in"):
         merger.apply_method("ties", [0.5, 0.5], density=2.0)
 
 
-@pytest.mark.parametrize("strategy", ["grid", "random", "coordinate"])
+def _flat(w, step):  # the gradient strategy's derivative where the objective is flat
+    return 0.0, dict.fromkeys(w, 0.0)
+
+
+@pytest.mark.parametrize("strategy", ["grid", "random", "coordinate", "gradient"])
 @pytest.mark.parametrize("minimize", [True, False])
 def test_a_search_never_scores_below_the_best_individual(strategy, minimize):
     # Merges score badly and one individual (w = one-hot on "b") best: a random draw or a
@@ -147,19 +153,10 @@ def test_a_search_never_scores_below_the_best_individual(strategy, minimize):
         value = max(good[k] for k, x in w.items() if x == 1.0) if one_hot else 0.1
         return {"objective": -value if minimize else value}
 
-    trials = search_weights(
-        score, ["a", "b", "c"], strategy, values=[0.0, 0.4], n_trials=5, minimize=minimize
-    )
+    options = dict(values=[0.0, 0.4], n_trials=5, minimize=minimize, gradient=_flat, steps=3)
+    trials = search_weights(score, ["a", "b", "c"], strategy, **options)
     assert best_weights(trials) == {"a": 0.0, "b": 1.0, "c": 0.0}
-    off = search_weights(
-        score,
-        ["a", "b", "c"],
-        strategy,
-        values=[0.0, 0.4],
-        n_trials=5,
-        minimize=minimize,
-        include_individuals=False,
-    )
+    off = search_weights(score, ["a", "b", "c"], strategy, include_individuals=False, **options)
     assert best_weights(off) != {"a": 0.0, "b": 1.0, "c": 0.0}, "the test scorer is too easy"
 
 
