@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 def search_cost(trials: pd.DataFrame) -> dict:
     """What a weight search cost: candidates, wall seconds, and merge time / evaluation time;
     for a gradient search also its steps and their seconds (part of the wall time)."""
-    overhead = trials["merge_s"].sum() / trials["eval_s"].sum()
+    evaluating = trials["eval_s"].sum()  # 0 when every candidate was answered from memory
+    overhead = trials["merge_s"].sum() / evaluating if evaluating > 0 else 0.0
     cost = {
         "candidates": len(trials),
         "wall_s": float(trials["merge_s"].sum() + trials["eval_s"].sum()),

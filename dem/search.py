@@ -292,6 +292,7 @@ def search_weights(
         raise DemError("weight search needs at least one source")
     rows: list[dict] = []
     seen: dict[tuple[float, ...], dict] = {}
+    began = time.perf_counter()
 
     def evaluate(candidate: Sequence[float]) -> float:
         key = tuple(round(float(x), 10) for x in candidate)
@@ -299,6 +300,8 @@ def search_weights(
             result = dict(score(dict(zip(sources, key, strict=True))))
             row = {"trial": len(rows), **{f"w_{s}": x for s, x in zip(sources, key, strict=True)}}
             row.update(result)
+            # seconds since the search began, this candidate scored (gradient steps included)
+            row["elapsed_s"] = time.perf_counter() - began
             rows.append(row)
             seen[key] = row
         return seen[key]["objective"]
@@ -398,14 +401,21 @@ def validation_scorer(
     """A ``score(w)`` for :func:`search_weights`: merge in memory, evaluate on validation.
 
     Records the time spent merging and evaluating each candidate, so the overhead of the
-    in-memory merge can be measured against the evaluation it serves.
+    in-memory merge can be measured against the evaluation it serves. A candidate this scorer
+    has scored before (the landscape and the gradient searches meet grid points and the
+    individuals again) is answered from memory, at zero cost, without touching the model: the
+    merge and the evaluation are deterministic, so the numbers are the same.
     """
     from dem.evaluate import evaluate
 
     if metric not in MINIMIZE:
         raise DemError(f"unknown search metric {metric!r}; choose one of {', '.join(MINIMIZE)}")
+    scored: dict[tuple, dict[str, float]] = {}
 
     def score(w: dict[str, float]) -> dict[str, float]:
+        key = tuple(sorted((k, round(float(v), 10)) for k, v in w.items()))
+        if key in scored:
+            return {**scored[key], "merge_s": 0.0, "eval_s": 0.0}
         t0 = time.perf_counter()
         if method == "dem":
             merger.apply(w)
@@ -427,7 +437,8 @@ def validation_scorer(
         result = {"objective": float(values.mean())}
         result.update({f"{metric}/{s}": float(v) for s, v in values.items()})
         result.update({"merge_s": t1 - t0, "eval_s": t2 - t1})
-        return result
+        scored[key] = result
+        return dict(result)
 
     return score
 

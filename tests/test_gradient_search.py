@@ -17,6 +17,7 @@ from dem.search import (
     fit_batches,
     search_weights,
     tensor_blocks,
+    validation_scorer,
 )
 from dem.sources import get_source
 
@@ -163,3 +164,21 @@ def test_gradient_strategy_with_per_layer_weights_on_a_model():
     individuals = trials[trials[[f"w_{n}" for n in names]].isin([0.0, 1.0]).all(axis=1)]
     assert len(individuals) == 2  # a's blocks all at 1, then b's
     assert trials["objective"].iloc[0] == trials["objective"].min()
+
+
+def test_a_scorer_answers_a_candidate_it_has_seen_from_memory(monkeypatch):
+    import dem.evaluate
+
+    tokenizer = build_tiny_tokenizer()
+    merger = _merger(vocab=len(tokenizer), dtype=torch.float32)
+    sources = [get_source("arithmetic", n_validation=6)]
+    calls = []
+    real = dem.evaluate.evaluate
+    monkeypatch.setattr(dem.evaluate, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    score = validation_scorer(merger, tokenizer, sources, metric="loss")
+    first = score({"a": 0.5, "b": 0.25})
+    again = score({"b": 0.25, "a": 0.5})  # the same candidate
+    other = score({"a": 0.5, "b": 0.0})
+    assert len(calls) == 2 and first["eval_s"] > 0
+    assert again["objective"] == first["objective"] and again["eval_s"] == again["merge_s"] == 0
+    assert other["objective"] != first["objective"]

@@ -106,9 +106,12 @@ def test_maximize_and_random_are_seeded():
     def score(w):
         return {"objective": -((w["a"] - 0.3) ** 2)}
 
-    first = search_weights(score, ["a"], "random", n_trials=20, seed=3, minimize=False)
-    again = search_weights(score, ["a"], "random", n_trials=20, seed=3, minimize=False)
-    other = search_weights(score, ["a"], "random", n_trials=20, seed=4, minimize=False)
+    def run(seed):  # elapsed_s is a timing: everything else must repeat
+        trials = search_weights(score, ["a"], "random", n_trials=20, seed=seed, minimize=False)
+        assert trials.sort_values("trial")["elapsed_s"].is_monotonic_increasing
+        return trials.drop(columns="elapsed_s")
+
+    first, again, other = run(3), run(3), run(4)
     assert first.equals(again)
     assert not first.equals(other)
     assert first["w_a"].between(0, 1).all()

@@ -1,0 +1,145 @@
+"""Weight search strategies on a finished run: grid, coordinate ascent and gradient descent.
+
+For each strategy, on the run's own vectors, validation examples and selection metric
+(``select_metric``, ``search_max_examples`` of the run's parameters): the candidates it scored,
+its gradient steps, its wall time, the point at which it first reached the grid's best
+validation objective (candidates and seconds), and the test scores of its choice. Then the
+same with 8 vectors — each source fine-tuned a second time with another seed — where the grid
+(V^8 candidates) is only estimated from its measured cost per candidate.
+
+    python benchmarks/bench_weight_search.py --run runs/default [--out DIR] [--no-eight]
+
+Run it on an otherwise idle machine; timings depend on the machine and its load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from dem import experiments, vectors
+from dem.layout import RunLayout
+from dem.models import load_model
+from dem.notebook import setup
+from dem.search import MINIMIZE, InMemoryMerge, best_weights, search_weights, validation_scorer
+from dem.training.finetune import finetune
+from dem.training.settings import FinetuneSettings
+
+NOTEBOOK_DEFAULTS = {"base_model": "", "max_new_tokens": 0, "device": "auto", "composite": "",
+                     "search_values": [0.0, 0.5, 1.0], "search_max_examples": 100,
+                     "select_metric": "accuracy", "eval_max_examples": 200, "eval_batch_size": 64,
+                     "gradient_steps": 50, "gradient_lr": 0.05, "max_length": 128}  # fmt: skip
+
+
+def reached(trials: pd.DataFrame, target: float, minimize: bool) -> tuple[int | None, float | None]:
+    """(candidates scored, seconds) when a search first scored at least as well as ``target``."""
+    ordered = trials.sort_values("trial").reset_index(drop=True)  # in the order scored
+    ok = (
+        ordered["objective"] <= target + 1e-12
+        if minimize
+        else ordered["objective"] >= target - 1e-12
+    )
+    if not ok.any():
+        return None, None
+    first = int(ok.idxmax())
+    return first + 1, float(ordered["elapsed_s"].iloc[first])
+
+
+def compare(merger, tokenizer, run, p, names, *, grid: bool) -> tuple[pd.DataFrame, dict]:
+    minimize = MINIMIZE[p["select_metric"]]
+    search = dict(metric=p["select_metric"], max_examples=p["search_max_examples"] or None,
+                  batch_size=p["eval_batch_size"])  # fmt: skip
+    score = validation_scorer(merger, tokenizer, run.train_sources, **search)
+    searches = {}
+    if grid:
+        searches["grid"] = search_weights(score, names, "grid", values=p["search_values"],
+                                          minimize=minimize)  # fmt: skip
+    searches["coordinate"] = search_weights(score, names, "coordinate", values=p["search_values"],
+                                            minimize=minimize)  # fmt: skip
+    for label, granularity in [("gradient", "source"), ("gradient/layer", "layer")]:
+        searches[label] = experiments.gradient_search(
+            merger, tokenizer, run.train_sources, score, granularity=granularity,
+            steps=p["gradient_steps"], lr=p["gradient_lr"],
+            max_examples=p["search_max_examples"] or None, minimize=minimize,
+            max_length=p["max_length"])  # fmt: skip
+    target = float(searches["grid"]["objective"].iloc[0]) if grid else None
+    rows, chosen = [], {}
+    for label, trials in searches.items():
+        cost = experiments.search_cost(trials)
+        n, s = reached(trials, target, minimize) if grid else (None, None)
+        rows.append({"search": label, "weights": len(trials.filter(like="w_").columns),
+                     "candidates": cost["candidates"], "steps": cost.get("steps", 0),
+                     "wall_s": round(cost["wall_s"], 1),
+                     "best_objective": round(float(trials["objective"].iloc[0]), 4),
+                     "candidates_to_grid_best": n,
+                     "s_to_grid_best": None if s is None else round(s, 1)})  # fmt: skip
+        chosen[label] = best_weights(trials)
+    table = pd.DataFrame(rows).set_index("search")
+    merges = {label: ("dem", w, {}) for label, w in chosen.items()}
+    test = experiments.evaluate_merges(merger, tokenizer, merges, run.train_sources,
+                                       max_examples=p["eval_max_examples"] or None,
+                                       batch_size=p["eval_batch_size"])  # fmt: skip
+    acc = test[test.metric == "accuracy"].groupby("model", sort=False)["value"].mean()
+    table["test_accuracy"] = acc.round(4)
+    if grid:
+        per_candidate = table.loc["grid", "wall_s"] / table.loc["grid", "candidates"]
+        table.attrs["s_per_grid_candidate"] = per_candidate
+    return table, chosen
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", required=True, help="a finished `dem run` folder")
+    parser.add_argument("--out", default=None, help="folder for the tables (default: RUN/bench)")
+    parser.add_argument("--no-eight", action="store_true", help="skip the 8-vector comparison")
+    args = parser.parse_args()
+    layout = RunLayout(args.run)
+    manifest = json.loads((Path(args.run) / "manifest.json").read_text())
+    p = {**NOTEBOOK_DEFAULTS, **manifest["parameters"], "run_dir": args.run}
+    out = Path(args.out or Path(args.run) / "bench")
+    out.mkdir(parents=True, exist_ok=True)
+    run = setup(p)
+    names = run.names
+    model, tokenizer = load_model(str(layout.base), device=run.device)
+    model.eval()
+
+    merger = InMemoryMerge(model, {n: vectors.load_vector(layout.vector(n)) for n in names})
+    four, _ = compare(merger, tokenizer, run, p, names, grid=True)
+    four.to_csv(out / "weight_search_4.csv")
+    print(f"\n{len(names)} vectors (validation {p['select_metric']}, "
+          f"{p['search_max_examples']} examples per source):\n{four.to_string()}")  # fmt: skip
+    result = {"four": four.reset_index().to_dict(orient="records"), "parameters": p}
+    if not args.no_eight:
+        settings = FinetuneSettings.from_params(p)
+        steps = run.steps(p["finetune_steps"], p.get("source_steps", {}))
+        extra = {}
+        for n in names:  # a second fine-tune of each source, another seed: 2K vectors
+            folder, vector = out / "ft2" / n, out / "vectors2" / n
+            if not vector.exists():
+                finetune(layout.base, folder, mixture={n: 1.0}, settings=settings, steps=steps[n],
+                         seed=p["seed"] + 1000, source_kwargs=run.source_kwargs, replace=True,
+                         progress=False)  # fmt: skip
+                vectors.extract_vector(layout.base, folder, vector, overwrite=True, progress=False)
+            extra[f"{n}#2"] = vectors.load_vector(vector)
+        merger = InMemoryMerge(model, {**{n: vectors.load_vector(layout.vector(n)) for n in names},
+                                       **extra})  # fmt: skip
+        started = time.perf_counter()
+        eight, _ = compare(merger, tokenizer, run, p, merger.sources, grid=False)
+        grid_n = len(p["search_values"]) ** len(merger.sources)
+        grid_s = four.attrs["s_per_grid_candidate"] * grid_n
+        eight.loc["grid (estimated)"] = {"weights": len(merger.sources), "candidates": grid_n,
+                                         "wall_s": round(grid_s, 1)}  # fmt: skip
+        eight.to_csv(out / "weight_search_8.csv")
+        print(f"\n{len(merger.sources)} vectors ({time.perf_counter() - started:.0f} s):\n"
+              f"{eight.to_string()}")  # fmt: skip
+        result["eight"] = eight.reset_index().to_dict(orient="records")
+    (out / "weight_search.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
