@@ -53,16 +53,19 @@ def compare(merger, tokenizer, run, p, names, *, grid: bool) -> tuple[pd.DataFra
     minimize = MINIMIZE[p["select_metric"]]
     search = dict(metric=p["select_metric"], max_examples=p["search_max_examples"] or None,
                   batch_size=p["eval_batch_size"])  # fmt: skip
-    score = validation_scorer(merger, tokenizer, run.train_sources, **search)
+
+    def fresh():  # a scorer of its own per search: none is answered from another's memory
+        return validation_scorer(merger, tokenizer, run.train_sources, **search)
+
     searches = {}
     if grid:
-        searches["grid"] = search_weights(score, names, "grid", values=p["search_values"],
+        searches["grid"] = search_weights(fresh(), names, "grid", values=p["search_values"],
                                           minimize=minimize)  # fmt: skip
-    searches["coordinate"] = search_weights(score, names, "coordinate", values=p["search_values"],
-                                            minimize=minimize)  # fmt: skip
+    searches["coordinate"] = search_weights(fresh(), names, "coordinate",
+                                            values=p["search_values"], minimize=minimize)  # fmt: skip
     for label, granularity in [("gradient", "source"), ("gradient/layer", "layer")]:
         searches[label] = experiments.gradient_search(
-            merger, tokenizer, run.train_sources, score, granularity=granularity,
+            merger, tokenizer, run.train_sources, fresh(), granularity=granularity,
             steps=p["gradient_steps"], lr=p["gradient_lr"],
             max_examples=p["search_max_examples"] or None, minimize=minimize,
             max_length=p["max_length"])  # fmt: skip
