@@ -16,13 +16,19 @@ small class.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import pandas as pd
 import torch
 
 from dem import DemError
+from dem.evaluate import evaluate
+from dem.models import load_model
+from dem.search import MINIMIZE, search_weights
 
 
 class Ensemble(torch.nn.Module):
@@ -72,3 +78,66 @@ class Ensemble(torch.nn.Module):
             logp = term if logp is None else torch.logaddexp(logp, term)
             new_caches.append(getattr(out, name, None))
         return SimpleNamespace(logits=logp, cache=new_caches)
+
+
+def load_members(paths: Sequence[Path], device) -> list:
+    """The per-source fine-tuned models, in evaluation mode, for :class:`dem.ensemble.Ensemble`."""
+    members = []
+    for path in paths:
+        model, _ = load_model(str(path), device=device)
+        members.append(model.eval())
+    return members
+
+
+def ensemble_search(
+    members: Sequence,
+    tokenizer,
+    sources: Sequence,
+    *,
+    values: Sequence[float],
+    metric: str = "loss",
+    max_examples: int | None = None,
+    batch_size: int = 64,
+    rounds: int = 1,
+) -> pd.DataFrame:
+    """The output ensemble's (MDE's) weights on validation, by the search metric of every method.
+
+    Coordinate ascent over ``values`` from the uniform mixture (the grid would cost K forward
+    passes per token for each of its candidates); the individuals are candidates too. Weights
+    are normalised inside the ensemble, so only their ratios matter; all-zero is skipped.
+    """
+    names = [s.name for s in sources]
+
+    def score(w: Mapping[str, float]) -> dict:
+        if not any(w.values()):
+            return {"objective": float("inf") if MINIMIZE[metric] else float("-inf")}
+        ensemble = Ensemble(members, [w[n] for n in names])
+        start = time.perf_counter()
+        table = evaluate(ensemble, tokenizer, list(sources), "validation", metrics=(metric,),
+                         max_examples=max_examples, batch_size=batch_size)  # fmt: skip
+        values_ = table[table["metric"] == metric].set_index("source")["value"]
+        return {"objective": float(values_.mean()),
+                **{f"{metric}/{s}": float(v) for s, v in values_.items()},
+                "merge_s": 0.0, "eval_s": time.perf_counter() - start,
+                "forward_passes": ensemble.forward_passes}  # fmt: skip
+
+    return search_weights(score, names, "coordinate", values=values, rounds=rounds,
+                          start=max(values), minimize=MINIMIZE[metric])  # fmt: skip
+
+
+def evaluate_ensemble(
+    members: Sequence,
+    tokenizer,
+    weights: Mapping[str, float],
+    sources: Sequence,
+    names: Sequence[str],
+    split: str = "test",
+    *,
+    label: str = "mde",
+    max_examples: int | None = None,
+    batch_size: int = 64,
+) -> pd.DataFrame:
+    """The ensemble with ``weights`` (in the order of ``names``) evaluated like a merge."""
+    ensemble = Ensemble(members, [weights[n] for n in names])
+    return evaluate(ensemble, tokenizer, sources, split, metrics=("loss", "accuracy"),
+                    max_examples=max_examples, batch_size=batch_size, model_name=label)  # fmt: skip

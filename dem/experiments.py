@@ -7,7 +7,6 @@ Every choice is made on validation; test only reports.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ import pandas as pd
 import torch
 
 from dem import models, vectors
+from dem.ensemble import ensemble_search, evaluate_ensemble, load_members  # noqa: F401 (chapter 04)
 from dem.evaluate import evaluate
 from dem.safetensors_io import WeightFolder
 from dem.search import MINIMIZE, InMemoryMerge, best_weights, search_weights, validation_scorer
@@ -208,7 +208,7 @@ def gradient_search(
     table is :func:`dem.search.search_weights`'s; ``attrs`` holds the descent's path and the
     fit/selection split.
     """
-    from dem.search import fit_batches
+    from dem.gradient import fit_batches
 
     fit, overlap = fit_examples(sources, max_examples)
     batches = fit_batches(tokenizer, sources, fit, batch_size=minibatch, max_length=max_length)
@@ -243,73 +243,6 @@ def layer_weights(w: Mapping[str, float]) -> pd.DataFrame:
     rows = [(*key.split("@", 1), value) for key, value in w.items()]
     table = pd.DataFrame(rows, columns=["source", "block", "weight"])
     return table.pivot_table(index="source", columns="block", values="weight", sort=False)
-
-
-def load_members(paths: Sequence[Path], device) -> list:
-    """The per-source fine-tuned models, in evaluation mode, for :class:`dem.ensemble.Ensemble`."""
-    members = []
-    for path in paths:
-        model, _ = models.load_model(str(path), device=device)
-        members.append(model.eval())
-    return members
-
-
-def ensemble_search(
-    members: Sequence,
-    tokenizer,
-    sources: Sequence,
-    *,
-    values: Sequence[float],
-    metric: str = "loss",
-    max_examples: int | None = None,
-    batch_size: int = 64,
-    rounds: int = 1,
-) -> pd.DataFrame:
-    """The output ensemble's (MDE's) weights on validation, by the search metric of every method.
-
-    Coordinate ascent over ``values`` from the uniform mixture (the grid would cost K forward
-    passes per token for each of its candidates); the individuals are candidates too. Weights
-    are normalised inside the ensemble, so only their ratios matter; all-zero is skipped.
-    """
-    from dem.ensemble import Ensemble
-
-    names = [s.name for s in sources]
-
-    def score(w: Mapping[str, float]) -> dict:
-        if not any(w.values()):
-            return {"objective": float("inf") if MINIMIZE[metric] else float("-inf")}
-        ensemble = Ensemble(members, [w[n] for n in names])
-        start = time.perf_counter()
-        table = evaluate(ensemble, tokenizer, list(sources), "validation", metrics=(metric,),
-                         max_examples=max_examples, batch_size=batch_size)  # fmt: skip
-        values_ = table[table["metric"] == metric].set_index("source")["value"]
-        return {"objective": float(values_.mean()),
-                **{f"{metric}/{s}": float(v) for s, v in values_.items()},
-                "merge_s": 0.0, "eval_s": time.perf_counter() - start,
-                "forward_passes": ensemble.forward_passes}  # fmt: skip
-
-    return search_weights(score, names, "coordinate", values=values, rounds=rounds,
-                          start=max(values), minimize=MINIMIZE[metric])  # fmt: skip
-
-
-def evaluate_ensemble(
-    members: Sequence,
-    tokenizer,
-    weights: Mapping[str, float],
-    sources: Sequence,
-    names: Sequence[str],
-    split: str = "test",
-    *,
-    label: str = "mde",
-    max_examples: int | None = None,
-    batch_size: int = 64,
-) -> pd.DataFrame:
-    """The ensemble with ``weights`` (in the order of ``names``) evaluated like a merge."""
-    from dem.ensemble import Ensemble
-
-    ensemble = Ensemble(members, [weights[n] for n in names])
-    return evaluate(ensemble, tokenizer, sources, split, metrics=("loss", "accuracy"),
-                    max_examples=max_examples, batch_size=batch_size, model_name=label)  # fmt: skip
 
 
 # --- chapter 05: choosing the mixture ratio ------------------------------------------------------

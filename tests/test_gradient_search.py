@@ -11,14 +11,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from dem import DemError
 from dem.data import IGNORE_INDEX, build_tiny_tokenizer
 from dem.evaluate import response_loss
-from dem.search import (
-    InMemoryMerge,
-    best_weights,
-    fit_batches,
-    search_weights,
-    tensor_blocks,
-    validation_scorer,
-)
+from dem.gradient import fit_batches, tensor_blocks
+from dem.search import InMemoryMerge, best_weights, search_weights, validation_scorer
 from dem.sources import get_source
 
 
