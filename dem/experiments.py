@@ -238,6 +238,20 @@ def compare_searches(searches: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("search")
 
 
+def beyond_grid_record(
+    gradient_trials: Mapping[str, pd.DataFrame], mde_trials: pd.DataFrame
+) -> dict:
+    """The ``searches`` entry of chapter 04's settings: each search's cost, chosen weights and,
+    for the ensemble, its forward passes per token (one per member with a weight)."""
+    record = {label: {**search_cost(t), "weights": best_weights(t),
+                      "fit_overlaps_selection": t.attrs["fit_overlaps_selection"]}
+              for label, t in gradient_trials.items()}  # fmt: skip
+    w_mde = best_weights(mde_trials)
+    record["mde"] = {**search_cost(mde_trials), "weights": w_mde,
+                     "forward_passes": sum(x > 0 for x in w_mde.values())}  # fmt: skip
+    return record
+
+
 def layer_weights(w: Mapping[str, float]) -> pd.DataFrame:
     """Per-layer weights ``{"source@block": w}`` as a sources × blocks table (blocks in order)."""
     rows = [(*key.split("@", 1), value) for key, value in w.items()]
