@@ -33,6 +33,11 @@ def tensor_blocks(names) -> dict[str, str]:
     return blocks
 
 
+def is_per_block(w) -> bool:
+    """Whether weights name one weight per source and block (``"facts@layer3"``)."""
+    return isinstance(w, Mapping) and any("@" in k for k in w)
+
+
 def block_rank(block: str) -> tuple[int, int]:
     if block == "embed":
         return (0, 0)
@@ -89,7 +94,7 @@ def loss_and_gradient(
                 loss = nll / (max(tokens, 1) * len(batches))
                 loss.backward()
                 total += float(loss.detach())
-    per_block = isinstance(w, Mapping) and any("@" in k for k in w)
+    per_block = is_per_block(w)
     grads: dict[str, float] = dict.fromkeys(w, 0.0)
     with torch.no_grad():
         for n, p in merger.params.items():

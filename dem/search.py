@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 
 from dem import DemError
-from dem.gradient import block_rank, descend, loss_and_gradient, tensor_blocks
+from dem.gradient import block_rank, descend, is_per_block, loss_and_gradient, tensor_blocks
 from dem.methods import METHODS, check_weights, get_method, resolve_params, tensor_generator
 
 STRATEGIES = ("grid", "random", "coordinate", "gradient")
@@ -95,20 +95,15 @@ class InMemoryMerge:
         can differ in the last bit.
         """
         dem = METHODS["dem"]
-        if isinstance(w, Mapping) and any("@" in k for k in w):  # one weight per source and block
-            per_block = self._block_weights(w)
-            for n, p in self.params.items():
-                weights = {s: per_block[s][self.block_of[n]] for s in self.sources}
-                used = [s for s, w_i in weights.items() if w_i != 0.0]
-                p.copy_(dem.merge(self.theta_base[n], [self.vectors[s][n] for s in used],
-                                  [weights[s] for s in used], {}, onto_base=True))  # fmt: skip
-            return
-        weights = self._weights(w)
-        used = [s for s, w_i in weights.items() if w_i != 0.0]
+        if is_per_block(w):  # one weight per source and block: {block: {source: w_i}}
+            by_block = self._block_weights(w)
+        else:
+            by_block = dict.fromkeys(self.blocks, self._weights(w))
         for n, p in self.params.items():
-            vectors = [self.vectors[s][n] for s in used]
-            p.copy_(dem.merge(self.theta_base[n], vectors, [weights[s] for s in used], {},
-                              onto_base=True))  # fmt: skip
+            weights = by_block[self.block_of[n]]
+            used = [s for s, w_i in weights.items() if w_i != 0.0]
+            p.copy_(dem.merge(self.theta_base[n], [self.vectors[s][n] for s in used],
+                              [weights[s] for s in used], {}, onto_base=True))  # fmt: skip
 
     def loss_and_gradient(
         self, w: Mapping[str, float], batches: Mapping[str, Sequence[Mapping[str, torch.Tensor]]]
@@ -138,12 +133,13 @@ class InMemoryMerge:
         self.apply([0.0] * len(self.sources))
 
     def _block_weights(self, w: Mapping[str, float]) -> dict[str, dict[str, float]]:
+        """Per-layer weights as {block: {source: w_i}}, every source of every block present."""
         expected = self.weight_names("layer")
         unknown = sorted(set(w) - set(expected))
         if unknown:
             raise DemError(f"per-layer weights name unknown source@block {unknown[:3]}; "
                            f"known: {expected[:3]}... ({len(expected)} in all)")  # fmt: skip
-        return {s: {b: float(w.get(f"{s}@{b}", 0.0)) for b in self.blocks} for s in self.sources}
+        return {b: {s: float(w.get(f"{s}@{b}", 0.0)) for s in self.sources} for b in self.blocks}
 
     def _weights(self, w: Mapping[str, float] | Sequence[float]) -> dict[str, float]:
         if isinstance(w, Mapping):
