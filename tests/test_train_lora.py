@@ -32,7 +32,7 @@ def test_output_is_an_ordinary_model_with_only_target_weights_changed(base, refe
     out, cost = reference
     before, after = weights(base), weights(out)
     assert {k: v.shape for k, v in after.items()} == {k: v.shape for k, v in before.items()}
-    assert not list(out.glob("adapter*")) and not (out / "checkpoint").exists()
+    assert not (out / "checkpoint").exists()
     # all-linear: every projection of every layer, never the embedding (tied output head)
     # or the norms.
     for name, tensor in before.items():
@@ -43,6 +43,30 @@ def test_output_is_an_ordinary_model_with_only_target_weights_changed(base, refe
     assert record["parameters"]["lora_target"] == "all-linear" and "peft" in record["versions"]
     assert 0 < cost["trainable_params"] < cost["params"] / 5
     assert cost["flops"] == 6 * cost["params"] * cost["train_tokens"]
+
+
+def test_the_saved_adapter_merges_to_the_saved_model(base, reference, tmp_path):
+    """The run's peft adapter is a merge input: v = s·B·A from it equals the merged model's."""
+    from dem.merge import merge
+
+    out, _ = reference
+    adapter = out / "adapter"
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {
+        p.name for p in adapter.iterdir()
+    }
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["r"] == LORA["lora_r"] and config["lora_alpha"] == 8.0
+    # Weight 1 on the adapter alone rebuilds the fine-tune; 0.5 checks that the vector is s·B·A
+    # and not something that only happens to equal the fine-tune at weight 1.
+    for w in (1.0, 0.5):
+        from_adapter = merge(base, [(adapter, w)], tmp_path / f"a{w}", progress=False)
+        from_model = merge(base, [(out, w)], tmp_path / f"m{w}", progress=False)
+        a, b = weights(from_adapter), weights(from_model)
+        assert a.keys() == b.keys()
+        worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+        assert worst <= 1e-6, (w, worst)
+    assert not torch.equal(weights(tmp_path / "a0.5")["model.layers.0.self_attn.q_proj.weight"],
+                           weights(base)["model.layers.0.self_attn.q_proj.weight"])  # fmt: skip
 
 
 def test_lora_lowers_the_validation_loss(base, reference):

@@ -20,7 +20,7 @@ from dem import models as dem_models
 from dem.data import encode_examples, pad_batch
 from dem.sources import get_source
 from dem.training.loop import accelerator_for, train_loop, transformers_bars
-from dem.training.lora import add_lora, merge_lora, require_peft
+from dem.training.lora import ADAPTER_DIR, add_lora, merge_lora, require_peft
 from dem.training.runs import (
     CHECKPOINT,
     complete,
@@ -75,7 +75,8 @@ def finetune(
     ``callback(step, log_row)`` is called after every optimizer step.
 
     ``lora_r > 0`` trains LoRA adapters instead of every weight (see :mod:`dem.training.lora`);
-    the output is still an ordinary full model folder.
+    the output is still an ordinary full model folder, with the peft adapter itself in its
+    ``adapter/`` subfolder.
 
     Returns the cost record, also written to ``out_dir/cost.json``.
     """
@@ -157,6 +158,10 @@ def finetune(
     )
     result["mixture"] = ratios
     if lora:
+        if result["_main"]:
+            # The adapter as well as the merged model: `dem merge --model OUT/adapter` then forms
+            # v = s·B·A block by block, and peft users can load it as it is.
+            result["_model"].save_pretrained(work / ADAPTER_DIR)
         result["_model"] = merge_lora(result["_model"])
     with transformers_bars(progress):
         result = complete(result, tokenizer, work, out, record)

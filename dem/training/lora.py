@@ -2,7 +2,9 @@
 
 The adapters are merged before saving (``merge_and_unload``), so a LoRA run still writes an
 ordinary full model folder, and its distribution vector is the merged adapter update: nonzero
-only in the targeted matrices, each of rank at most ``lora_r``.
+only in the targeted matrices, each of rank at most ``lora_r``. The peft adapter is saved too,
+in the folder's ``adapter/`` (:data:`ADAPTER_DIR`): a merge input on its own (``dem merge``
+forms s·B·A from it block by block, :mod:`dem.adapters`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import torch
 
 from dem import DemError
 from dem.models import first_line
+
+ADAPTER_DIR = "adapter"  # a LoRA fine-tune's peft adapter, inside its model folder
 
 
 def require_peft() -> None:
