@@ -16,6 +16,13 @@ import pandas as pd
 import torch
 
 from dem import models, vectors
+from dem.baselines import (  # noqa: F401 (chapter 04)
+    MORE_MERGES,
+    baseline_merges,
+    evaluate_merges,
+    lambda_search,
+    lambda_searches,
+)
 from dem.ensemble import ensemble_search, evaluate_ensemble, load_members  # noqa: F401 (chapter 04)
 from dem.evaluate import evaluate
 from dem.safetensors_io import WeightFolder
@@ -63,104 +70,6 @@ def landscape(
     return search_weights(
         score_pair, [x, y], "grid", values=values, minimize=minimize, include_individuals=False
     )
-
-
-def lambda_search(
-    merger: InMemoryMerge,
-    tokenizer,
-    sources: Sequence,
-    lambdas: Sequence[float],
-    method: str,
-    *,
-    metric: str = "loss",
-    max_examples: int | None = None,
-    batch_size: int = 64,
-    **options,
-) -> float:
-    """The λ (one weight shared by every source) of ``method`` that scores best on validation."""
-    score = validation_scorer(
-        merger,
-        tokenizer,
-        sources,
-        metric=metric,
-        max_examples=max_examples,
-        batch_size=batch_size,
-        method=method,
-        **options,
-    )
-    names = [s.name for s in sources]
-
-    def score_lambda(candidate: Mapping[str, float]) -> dict:
-        return score({n: candidate["lambda"] for n in names})
-
-    table = search_weights(
-        score_lambda,
-        ["lambda"],
-        "grid",
-        values=lambdas,
-        minimize=MINIMIZE[metric],
-        include_individuals=False,
-    )
-    return float(table.iloc[0]["w_lambda"])
-
-
-def baseline_merges(
-    names: Sequence[str],
-    w: Mapping[str, float],
-    lam: Mapping[str, float],
-    *,
-    ties_density: float,
-    dare_drop_prob: float,
-    seed: int,
-) -> dict[str, tuple[str, dict, dict]]:
-    """DEM and the merging baselines as {label: (method, weights, options)}.
-
-    ``w`` are DEM's searched weights; ``lam`` the λ chosen for task arithmetic, TIES and DARE.
-    The uniform average (model soup) is DEM with every w_i = 1/K.
-    """
-    return {
-        "dem": ("dem", dict(w), {}),
-        "average": ("dem", {n: 1 / len(names) for n in names}, {}),
-        "task_arithmetic": ("dem", {n: lam["task_arithmetic"] for n in names}, {}),
-        "ties": ("ties", {n: lam["ties"] for n in names}, {"density": ties_density}),
-        "dare": (
-            "dare_linear",
-            {n: lam["dare"] for n in names},
-            {"drop_prob": dare_drop_prob, "seed": seed},
-        ),
-    }
-
-
-def evaluate_merges(
-    merger: InMemoryMerge,
-    tokenizer,
-    merges: Mapping[str, tuple[str, Mapping, Mapping]],
-    sources: Sequence,
-    split: str = "test",
-    *,
-    max_examples: int | None = None,
-    batch_size: int = 64,
-) -> pd.DataFrame:
-    """Set the model to each merge of ``merges`` in turn and evaluate it; one tidy table."""
-    tables = []
-    for label, (method, weights, options) in merges.items():
-        if method == "dem":
-            merger.apply(weights)
-        else:
-            merger.apply_method(method, weights, **options)
-        tables.append(
-            evaluate(
-                merger.model,
-                tokenizer,
-                sources,
-                split,
-                metrics=("loss", "accuracy"),
-                max_examples=max_examples,
-                batch_size=batch_size,
-                model_name=label,
-            )
-        )
-    return pd.concat(tables, ignore_index=True)
 
 
 # --- chapter 04: beyond the grid -- gradient search, per-layer weights, the output ensemble -----

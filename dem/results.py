@@ -15,8 +15,17 @@ from dem import DemError, progress
 from dem.io import atomic_file
 from dem.layout import RunLayout
 
-# The merging baselines of chapter 04: all start from the K per-source fine-tunes.
-MERGE_BASELINES = ("average", "task_arithmetic", "ties", "dare")
+# The merging baselines of chapter 04: all start from the K per-source fine-tunes. The last
+# three are its `more_merges` (dem.baselines.MORE_MERGES), reported when a run evaluated them.
+MERGE_BASELINES = (
+    "average",
+    "task_arithmetic",
+    "ties",
+    "dare",
+    "breadcrumbs",
+    "della",
+    "model_stock",
+)
 # chapter 04's searches beyond the grid, each with its own cost: DEM's weights by gradient, one
 # weight per source and block of layers, and the output ensemble of the fine-tunes (MDE)
 BEYOND_GRID = ("dem_gradient", "dem_layer", "mde")
@@ -195,7 +204,7 @@ def method_costs(results: ChapterResults, names: Sequence[str]) -> dict[str, tup
         "base": (0, 0),
         **{f"individual/{n}": (ft.train_tokens[n], ft.wall_s[n]) for n in names},
         "dem": (dem_tokens, dem_wall + results.merge_settings["search"]["wall_s"]),
-        **{m: (dem_tokens, dem_wall) for m in MERGE_BASELINES},
+        **{m: (dem_tokens, dem_wall) for m in MERGE_BASELINES if m in results.accuracy.index},
         **{
             m: (dem_tokens, dem_wall + searches[m]["wall_s"], searches[m].get("forward_passes", 1))
             for m in BEYOND_GRID

@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 import torch
 
-from dem import experiments
+from dem import baselines, experiments
 from dem.data import build_tiny_tokenizer
-from dem.models import build_tiny_model, save_model
+from dem.models import build_tiny_model, load_model, save_model
 from dem.vectors import extract_vector, load_vector
 
 TINY = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "max_position_embeddings": 64}
@@ -33,42 +33,89 @@ def test_landscape_varies_two_weights_and_holds_the_others():
     assert trials.iloc[0][["w_a", "w_b"]].tolist() == [1.0, 0.5]
 
 
-def test_lambda_search_gives_every_source_the_same_weight_and_passes_the_method(monkeypatch):
-    calls = {}
+@pytest.mark.parametrize(
+    ("method", "weights_of", "options_of"),
+    [
+        # task arithmetic and DARE add w_i·v_i: λ is every weight
+        ("dem", lambda lam: {"a": lam, "b": lam}, lambda lam: {}),
+        ("dare_linear", lambda lam: {"a": lam, "b": lam}, lambda lam: {"drop_prob": 0.3}),
+        # TIES divides by Σ w_i: λ is its own scale, every weight 1
+        ("ties", lambda lam: {"a": 1.0, "b": 1.0}, lambda lam: {"density": 0.2, "lam": lam}),
+    ],
+)
+def test_lambda_search_puts_lambda_where_the_method_scales_by_it(
+    monkeypatch, method, weights_of, options_of
+):
+    seen = []
+    given = {"dare_linear": {"drop_prob": 0.3}, "ties": {"density": 0.2}}.get(method, {})
 
-    def fake_scorer(merger, tokenizer, sources, **options):
-        calls["options"] = options
-
+    def fake_scorer(merger, tokenizer, sources, *, metric, max_examples, batch_size, method,
+                    **options):  # fmt: skip
         def score(w):
-            assert len(set(w.values())) == 1 and set(w) == {"a", "b"}
-            return {"objective": abs(w["a"] - 0.5)}
+            seen.append((dict(w), options))
+            lam = options.get("lam", w["a"])
+            return {"objective": abs(lam - 0.5)}
 
         return score
 
-    monkeypatch.setattr(experiments, "validation_scorer", fake_scorer)
+    monkeypatch.setattr(baselines, "validation_scorer", fake_scorer)
     sources = [type("S", (), {"name": n})() for n in ("a", "b")]
-    lam = experiments.lambda_search(None, None, sources, [0.25, 0.5, 1.0], "ties", density=0.2)
+    lam = experiments.lambda_search(None, None, sources, [0.25, 0.5, 1.0], method, **given)
     assert lam == 0.5
-    assert calls["options"] == {
-        "metric": "loss",
-        "max_examples": None,
-        "batch_size": 64,
-        "method": "ties",
-        "density": 0.2,
-    }
+    assert seen == [(weights_of(x), options_of(x)) for x in (0.25, 0.5, 1.0)]
 
 
-def test_baseline_merges_are_dem_and_the_four_baselines():
-    merges = experiments.baseline_merges(
-        ["a", "b"], {"a": 1.0, "b": 0.5}, {"task_arithmetic": 0.75, "ties": 1.0, "dare": 0.5},
-        ties_density=0.2, dare_drop_prob=0.3, seed=7,
+def test_ties_lambda_changes_the_merge_and_equals_the_streaming_merge(tmp_path):
+    """The λ chosen for TIES must reach the model: with the weights normalised away, a λ given
+    as equal weights would leave every candidate the same merge."""
+    from dem.merge import merge
+    from dem.search import InMemoryMerge
+
+    tokenizer = build_tiny_tokenizer()
+    base = save_model(_model(0), tokenizer, tmp_path / "base")
+    fts = []
+    for s in (1, 2):
+        tuned, g = _model(0), torch.Generator().manual_seed(s)
+        with torch.no_grad():
+            for p in tuned.parameters():
+                p.add_(torch.randn(p.shape, generator=g), alpha=0.01)
+        fts.append(save_model(tuned, tokenizer, tmp_path / f"ft{s}"))
+    model, _ = load_model(base)
+    merger = InMemoryMerge(
+        model, {f"ft{s}": load_vector(extract_vector(base, ft, tmp_path / f"v{s}", progress=False))
+                for s, ft in zip((1, 2), fts, strict=True)},
     )  # fmt: skip
-    assert list(merges) == ["dem", "average", "task_arithmetic", "ties", "dare"]
+    names = ["ft1", "ft2"]
+    merged = {}
+    for lam in (0.25, 1.0):
+        merges = experiments.baseline_merges(names, {}, {"ties": lam}, ties_density=0.2,
+                                             dare_drop_prob=0.5, seed=0)  # fmt: skip
+        method, weights, options = merges["ties"]
+        merger.apply_method(method, weights, **options)
+        merged[lam] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        streamed = merge(base, [(ft, 1.0) for ft in fts], tmp_path / f"ties{lam}", method="ties",
+                         density=0.2, lam=lam, progress=False)  # fmt: skip
+        assert experiments.max_abs_difference(load_model(streamed)[0], model) <= 1e-6
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(merged[0.25][name], merged[1.0][name])
+
+
+def test_baseline_merges_are_dem_and_the_baselines():
+    merges = experiments.baseline_merges(
+        ["a", "b"], {"a": 1.0, "b": 0.5},
+        {"task_arithmetic": 0.75, "ties": 1.0, "dare": 0.5, "breadcrumbs": 0.25, "della": 0.5},
+        ties_density=0.2, dare_drop_prob=0.3, seed=7, more=experiments.MORE_MERGES,
+    )  # fmt: skip
+    assert list(merges) == ["dem", "average", "task_arithmetic", "ties", "dare", "breadcrumbs",
+                            "della", "model_stock"]  # fmt: skip
     assert merges["dem"] == ("dem", {"a": 1.0, "b": 0.5}, {})
     assert merges["average"] == ("dem", {"a": 0.5, "b": 0.5}, {})
     assert merges["task_arithmetic"] == ("dem", {"a": 0.75, "b": 0.75}, {})
-    assert merges["ties"] == ("ties", {"a": 1.0, "b": 1.0}, {"density": 0.2})
+    assert merges["ties"] == ("ties", {"a": 1.0, "b": 1.0}, {"density": 0.2, "lam": 1.0})
     assert merges["dare"] == ("dare_linear", {"a": 0.5, "b": 0.5}, {"drop_prob": 0.3, "seed": 7})
+    assert merges["breadcrumbs"] == ("breadcrumbs", {"a": 1.0, "b": 1.0}, {"lam": 0.25})
+    assert merges["della"] == ("della", {"a": 1.0, "b": 1.0}, {"seed": 7, "lam": 0.5})
+    assert merges["model_stock"] == ("model_stock", {"a": 0.5, "b": 0.5}, {})
 
 
 def test_evaluate_merges_sets_each_merge_before_scoring_it(monkeypatch):
@@ -87,7 +134,7 @@ def test_evaluate_merges_sets_each_merge_before_scoring_it(monkeypatch):
         log.append(("evaluate", model_name, split))
         return pd.DataFrame([{"model": model_name, "source": "a", "metric": "loss", "value": 1.0}])
 
-    monkeypatch.setattr(experiments, "evaluate", fake_evaluate)
+    monkeypatch.setattr(baselines, "evaluate", fake_evaluate)
     merges = {"dem": ("dem", {"a": 1.0}, {}), "ties": ("ties", {"a": 0.5}, {"density": 0.2})}
     table = experiments.evaluate_merges(Merger(), None, merges, [])
     assert log == [
