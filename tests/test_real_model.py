@@ -82,9 +82,12 @@ def test_smollm2_smoke_parameters_run_end_to_end(tmp_path):
     assert {"base", "dem", "dmix_best", "ties", "dare"} <= set(metrics["methods"])
     merge_record = json.loads((out / "models" / "dem" / "dem_merge.json").read_text())
     assert merge_record["method"] == "dem"
-    # smollm2-smoke.yaml fine-tunes with LoRA: adapters merged into an ordinary model folder
+    # smollm2-smoke.yaml fine-tunes with LoRA: adapters merged into an ordinary model folder,
+    # the peft adapter kept beside it in adapter/
     ft = out / "models" / "ft" / "gsm8k"
     assert json.loads((ft / "dem_train.json").read_text())["parameters"]["lora_r"] == 8
     cost = json.loads((ft / "cost.json").read_text())
     assert 0 < cost["trainable_params"] < cost["params"]
-    assert not list(ft.glob("adapter*"))
+    assert (ft / "model.safetensors").is_file()
+    assert (ft / "adapter" / "adapter_config.json").is_file()
+    assert (ft / "adapter" / "adapter_model.safetensors").is_file()
