@@ -8,6 +8,7 @@ same with 8 vectors â€” each source fine-tuned a second time with another seed â
 (V^8 candidates) is only estimated from its measured cost per candidate.
 
     python benchmarks/bench_weight_search.py --run runs/default [--out DIR] [--no-eight]
+                                             [--metric loss]
 
 Run it on an otherwise idle machine; timings depend on the machine and its load.
 """
@@ -25,14 +26,10 @@ from dem import experiments, vectors
 from dem.layout import RunLayout
 from dem.models import load_model
 from dem.notebook import setup
+from dem.pipeline import notebook_defaults
 from dem.search import MINIMIZE, InMemoryMerge, best_weights, search_weights, validation_scorer
 from dem.training.finetune import finetune
 from dem.training.settings import FinetuneSettings
-
-NOTEBOOK_DEFAULTS = {"base_model": "", "max_new_tokens": 0, "device": "auto", "composite": "",
-                     "search_values": [0.0, 0.5, 1.0], "search_max_examples": 100,
-                     "select_metric": "accuracy", "eval_max_examples": 200, "eval_batch_size": 64,
-                     "gradient_steps": 50, "gradient_lr": 0.05, "max_length": 128}  # fmt: skip
 
 
 def reached(trials: pd.DataFrame, target: float, minimize: bool) -> tuple[int | None, float | None]:
@@ -97,13 +94,24 @@ def compare(merger, tokenizer, run, p, names, *, grid: bool) -> tuple[pd.DataFra
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", required=True, help="a finished `dem run` folder")
-    parser.add_argument("--out", default=None, help="folder for the tables (default: RUN/bench)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="folder for the tables (default: RUN/bench, RUN/bench-METRIC with --metric)",
+    )
     parser.add_argument("--no-eight", action="store_true", help="skip the 8-vector comparison")
+    parser.add_argument("--metric", choices=sorted(MINIMIZE), default=None,
+                        help="the validation metric every search is selected by (default: the "
+                        "run's select_metric); `loss` is the one the gradient descends")  # fmt: skip
     args = parser.parse_args()
     layout = RunLayout(args.run)
     manifest = json.loads((Path(args.run) / "manifest.json").read_text())
-    p = {**NOTEBOOK_DEFAULTS, **manifest["parameters"], "run_dir": args.run}
-    out = Path(args.out or Path(args.run) / "bench")
+    # the chapters' defaults under the run's own parameters: what chapters 02 and 04 used
+    p = {**notebook_defaults("02", "04"), **manifest["parameters"], "run_dir": args.run}
+    p["select_metric"] = args.metric or p["select_metric"]
+    out = Path(
+        args.out or Path(args.run) / ("bench" if args.metric is None else f"bench-{args.metric}")
+    )
     out.mkdir(parents=True, exist_ok=True)
     run = setup(p)
     names = run.names

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 
 import pandas as pd
 
+from dem import DemError
 from dem.evaluate import evaluate
 from dem.methods import get_method
 from dem.search import MINIMIZE, InMemoryMerge, search_weights, validation_scorer
@@ -29,9 +30,13 @@ METHOD_OF = {"task_arithmetic": "dem", "dare": "dare_linear"}
 def shared_lambda(
     method: str, names: Sequence[str], lam: float, options: Mapping | None = None
 ) -> tuple[dict[str, float], dict]:
-    """(weights, options) of ``method`` at one λ shared by every source (see the module)."""
+    """(weights, options) of ``method`` at one λ shared by every source
+    (:attr:`dem.methods.Method.shared_scale` says where λ goes)."""
     options = dict(options or {})
-    if "lam" in get_method(method).param_names:
+    scale = get_method(method).shared_scale
+    if scale is None:
+        raise DemError(f"method {method!r} sets its own scale: it takes no shared λ")
+    if scale == "lam":
         return dict.fromkeys(names, 1.0), {**options, "lam": float(lam)}
     return dict.fromkeys(names, float(lam)), options
 
@@ -50,16 +55,12 @@ def lambda_search(
 ) -> float:
     """The λ of ``method`` (one scale shared by every source) that scores best on validation."""
     names = [s.name for s in sources]
-    scorers = {}  # one per λ: λ may be an option of the method, not a weight
+    score = validation_scorer(merger, tokenizer, sources, metric=metric, max_examples=max_examples,
+                              batch_size=batch_size, method=method)  # fmt: skip
 
     def score_lambda(candidate: Mapping[str, float]) -> dict:
         weights, merged_options = shared_lambda(method, names, candidate["lambda"], options)
-        key = candidate["lambda"]
-        if key not in scorers:
-            scorers[key] = validation_scorer(merger, tokenizer, sources, metric=metric,
-                                             max_examples=max_examples, batch_size=batch_size,
-                                             method=method, **merged_options)  # fmt: skip
-        return scorers[key](weights)
+        return score(weights, **merged_options)
 
     table = search_weights(score_lambda, ["lambda"], "grid", values=lambdas,
                            minimize=MINIMIZE[metric], include_individuals=False)  # fmt: skip
@@ -99,10 +100,12 @@ def baseline_merges(
     for label in ("task_arithmetic", "ties", "dare", *more):
         method, options = method_options(label, ties_density=ties_density,
                                          dare_drop_prob=dare_drop_prob, seed=seed)  # fmt: skip
-        if label in lam:
-            merges[label] = (method, *shared_lambda(method, names, lam[label], options))
-        else:
+        if get_method(method).shared_scale is None:
             merges[label] = (method, dict(uniform), options)
+        elif label not in lam:
+            raise DemError(f"no λ given for the baseline {label!r} (given: {sorted(lam)})")
+        else:
+            merges[label] = (method, *shared_lambda(method, names, lam[label], options))
     return merges
 
 
@@ -118,13 +121,13 @@ def lambda_searches(
     seed: int,
     **search,
 ) -> dict[str, float]:
-    """λ on validation for each baseline label that has one (all but Model Stock)."""
+    """λ on validation for each baseline label whose method takes one (all but Model Stock)."""
     chosen = {}
     for label in labels:
         method, options = method_options(label, ties_density=ties_density,
                                          dare_drop_prob=dare_drop_prob, seed=seed)  # fmt: skip
-        if method == "model_stock":
-            continue  # its scale comes from the vectors' angles
+        if get_method(method).shared_scale is None:
+            continue  # Model Stock: its scale comes from the vectors' angles
         chosen[label] = lambda_search(merger, tokenizer, sources, lambdas, method,
                                       **search, **options)  # fmt: skip
     return chosen
@@ -143,10 +146,7 @@ def evaluate_merges(
     """Set the model to each merge of ``merges`` in turn and evaluate it; one tidy table."""
     tables = []
     for label, (method, weights, options) in merges.items():
-        if method == "dem":
-            merger.apply(weights)
-        else:
-            merger.apply_method(method, weights, **options)
+        merger.set_merge(method, weights, **options)
         tables.append(
             evaluate(
                 merger.model,

@@ -28,7 +28,7 @@ import torch
 from dem import DemError
 from dem.evaluate import evaluate
 from dem.models import load_model
-from dem.search import MINIMIZE, search_weights
+from dem.search import MINIMIZE, search_weights, validation_objective
 
 
 class Ensemble(torch.nn.Module):
@@ -113,12 +113,9 @@ def ensemble_search(
             return {"objective": float("inf") if MINIMIZE[metric] else float("-inf")}
         ensemble = Ensemble(members, [w[n] for n in names])
         start = time.perf_counter()
-        table = evaluate(ensemble, tokenizer, list(sources), "validation", metrics=(metric,),
-                         max_examples=max_examples, batch_size=batch_size)  # fmt: skip
-        values_ = table[table["metric"] == metric].set_index("source")["value"]
-        return {"objective": float(values_.mean()),
-                **{f"{metric}/{s}": float(v) for s, v in values_.items()},
-                "merge_s": 0.0, "eval_s": time.perf_counter() - start,
+        result = validation_objective(ensemble, tokenizer, sources, metric=metric,
+                                      max_examples=max_examples, batch_size=batch_size)  # fmt: skip
+        return {**result, "merge_s": 0.0, "eval_s": time.perf_counter() - start,
                 "forward_passes": ensemble.forward_passes}  # fmt: skip
 
     return search_weights(score, names, "coordinate", values=values, rounds=rounds,

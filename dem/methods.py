@@ -213,10 +213,21 @@ class Method:
     overwrites: bool = False  # writes into its inputs (none does: callers need not copy them)
     models: tuple[int, int | None] = (1, None)  # how many models it takes, at least and at most
     check: Callable[[Mapping[str, Any]], None] | None = None  # constraints between parameters
+    own_scale: bool = False  # chooses its scale itself (Model Stock, from the vectors' angles)
 
     @property
     def param_names(self) -> tuple[str, ...]:
         return tuple(p.name for p in self.params)
+
+    @property
+    def shared_scale(self) -> str | None:
+        """Where one scale λ shared by every source goes: ``"lam"``, the method's own scale, for
+        the methods that have one (TIES and DELLA divide by Σ w_i, so equal weights of any size
+        give one model); ``"weights"``, every w_i = λ, for the weighted sums (DEM, DARE); None
+        for a method that sets its scale itself."""
+        if "lam" in self.param_names:
+            return "lam"
+        return None if self.own_scale else "weights"
 
     @property
     def random(self) -> bool:
@@ -310,6 +321,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "without sign election", check=_della_check, notes="M as in della"),
     Method("model_stock", "θ = θ0 + t·Σ_i w_i·v_i, t = N·cos/(1 + (N − 1)·cos)", _model_stock,
            about="Jang et al. 2024", stats=_stock_ratio, one_at_a_time=True, models=(2, None),
+           own_scale=True,
            notes="cos is the mean pairwise cosine of the whole-tensor v_i; the paper and "
            "mergekit take w_i = 1/N (pass it); t = 0 where 1 + (N − 1)·cos is below 1e-6"),
     Method("slerp", "θ = slerp(θ0, θ_1; t = w_1)", _slerp, about="Shoemake 1985, per tensor",

@@ -9,6 +9,7 @@ the same folder skips the finished steps whose inputs did not change and reruns 
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
@@ -89,6 +90,22 @@ def chapters(folder: Path = NOTEBOOKS) -> list[tuple[str, str]]:
         title = "".join(cells[0]["source"]).splitlines()[0].lstrip("# ") if cells else ""
         rows.append((nb.stem, title))
     return rows
+
+
+def notebook_defaults(*names: str, folder: Path = NOTEBOOKS) -> dict:
+    """The default of every parameter the named chapters declare (``"04"`` or a notebook's
+    stem; all chapters if none), as their parameters cells give it — a later chapter's default
+    wins. For scripts that repeat a chapter's work on a finished run (the benchmarks)."""
+    import papermill as pm
+
+    books = notebooks(folder)
+    if names:
+        books = [nb for name in names for nb in _select(books, name, None)]
+    defaults = {}
+    for nb in books:
+        for name, spec in pm.inspect_notebook(str(nb)).items():
+            defaults[name] = ast.literal_eval(spec["default"])
+    return defaults
 
 
 def parameter_sets(folder: Path = PARAMS) -> list[tuple[str, str]]:

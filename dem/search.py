@@ -129,6 +129,14 @@ class InMemoryMerge:
                 vectors = [v.clone() for v in vectors]
             p.copy_(m.merge(base, vectors, weights, params, tensor_generator(m, params, n)))
 
+    def set_merge(self, method: str, w: Mapping[str, float] | Sequence[float], **options) -> None:
+        """Set the model to ``method``'s merge: DEM by :meth:`apply` (the searches' summation
+        order, per-layer weights allowed), every other method by :meth:`apply_method`."""
+        if method == "dem" and not options:
+            self.apply(w)
+        else:
+            self.apply_method(method, w, **options)
+
     def restore_base(self) -> None:
         self.apply([0.0] * len(self.sources))
 
@@ -291,43 +299,45 @@ def validation_scorer(
     in-memory merge can be measured against the evaluation it serves. A candidate this scorer
     has scored before (the landscape and the gradient searches meet grid points and the
     individuals again) is answered from memory, at zero cost, without touching the model: the
-    merge and the evaluation are deterministic, so the numbers are the same.
+    merge and the evaluation are deterministic, so the numbers are the same. ``score(w,
+    **options)`` overrides the method's options for one candidate (a λ search varies ``lam``);
+    they are part of what is remembered.
     """
-    from dem.evaluate import evaluate
-
     if metric not in MINIMIZE:
         raise DemError(f"unknown search metric {metric!r}; choose one of {', '.join(MINIMIZE)}")
     scored: dict[tuple, dict[str, float]] = {}
 
-    def score(w: dict[str, float]) -> dict[str, float]:
-        key = tuple(sorted((k, round(float(v), 10)) for k, v in w.items()))
+    def score(w: dict[str, float], **options) -> dict[str, float]:
+        options = {**method_options, **options}
+        key = (tuple(sorted((k, round(float(v), 10)) for k, v in w.items())),
+               tuple(sorted(options.items())))  # fmt: skip
         if key in scored:
             return {**scored[key], "merge_s": 0.0, "eval_s": 0.0}
         t0 = time.perf_counter()
-        if method == "dem":
-            merger.apply(w)
-        else:
-            merger.apply_method(method, w, **method_options)
+        merger.set_merge(method, w, **options)
         _sync(merger.model)
         t1 = time.perf_counter()
-        table = evaluate(
-            merger.model,
-            tokenizer,
-            list(sources),
-            "validation",
-            metrics=(metric,),
-            max_examples=max_examples,
-            batch_size=batch_size,
-        )
-        t2 = time.perf_counter()
-        values = table[table["metric"] == metric].set_index("source")["value"]
-        result = {"objective": float(values.mean())}
-        result.update({f"{metric}/{s}": float(v) for s, v in values.items()})
-        result.update({"merge_s": t1 - t0, "eval_s": t2 - t1})
+        result = validation_objective(merger.model, tokenizer, sources, metric=metric,
+                                      max_examples=max_examples, batch_size=batch_size)  # fmt: skip
+        result.update({"merge_s": t1 - t0, "eval_s": time.perf_counter() - t1})
         scored[key] = result
         return dict(result)
 
     return score
+
+
+def validation_objective(
+    model, tokenizer, sources: Sequence, *, metric: str, max_examples: int | None, batch_size: int
+) -> dict[str, float]:
+    """A model's search objective: ``metric`` on validation, the mean over sources, and each
+    source's value (``"accuracy/facts"``) — what every search of every method is chosen by."""
+    from dem.evaluate import evaluate
+
+    table = evaluate(model, tokenizer, list(sources), "validation", metrics=(metric,),
+                     max_examples=max_examples, batch_size=batch_size)  # fmt: skip
+    values = table[table["metric"] == metric].set_index("source")["value"]
+    return {"objective": float(values.mean()),
+            **{f"{metric}/{s}": float(v) for s, v in values.items()}}  # fmt: skip
 
 
 def _sync(model: torch.nn.Module) -> None:

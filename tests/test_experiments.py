@@ -10,6 +10,7 @@ import torch
 from dem import baselines, experiments
 from dem.data import build_tiny_tokenizer
 from dem.models import build_tiny_model, load_model, save_model
+from dem.search import InMemoryMerge
 from dem.vectors import extract_vector, load_vector
 
 TINY = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "max_position_embeddings": 64}
@@ -49,9 +50,8 @@ def test_lambda_search_puts_lambda_where_the_method_scales_by_it(
     seen = []
     given = {"dare_linear": {"drop_prob": 0.3}, "ties": {"density": 0.2}}.get(method, {})
 
-    def fake_scorer(merger, tokenizer, sources, *, metric, max_examples, batch_size, method,
-                    **options):  # fmt: skip
-        def score(w):
+    def fake_scorer(merger, tokenizer, sources, *, metric, max_examples, batch_size, method):
+        def score(w, **options):
             seen.append((dict(w), options))
             lam = options.get("lam", w["a"])
             return {"objective": abs(lam - 0.5)}
@@ -88,7 +88,8 @@ def test_ties_lambda_changes_the_merge_and_equals_the_streaming_merge(tmp_path):
     names = ["ft1", "ft2"]
     merged = {}
     for lam in (0.25, 1.0):
-        merges = experiments.baseline_merges(names, {}, {"ties": lam}, ties_density=0.2,
+        lams = {"task_arithmetic": 1.0, "ties": lam, "dare": 1.0}
+        merges = experiments.baseline_merges(names, {}, lams, ties_density=0.2,
                                              dare_drop_prob=0.5, seed=0)  # fmt: skip
         method, weights, options = merges["ties"]
         merger.apply_method(method, weights, **options)
@@ -129,6 +130,8 @@ def test_evaluate_merges_sets_each_merge_before_scoring_it(monkeypatch):
 
         def apply_method(self, method, w, **options):
             log.append((method, w, options))
+
+        set_merge = InMemoryMerge.set_merge
 
     def fake_evaluate(model, tokenizer, sources, split, *, model_name, **kwargs):
         log.append(("evaluate", model_name, split))
@@ -203,3 +206,40 @@ def test_max_abs_difference_of_two_models():
     with torch.no_grad():
         next(b.parameters()).view(-1)[3] -= 0.125
     assert experiments.max_abs_difference(a, b) == 0.125
+
+
+def test_where_a_shared_lambda_goes_is_the_methods_own_rule():
+    from dem.methods import METHODS
+
+    assert METHODS["ties"].shared_scale == METHODS["della"].shared_scale == "lam"
+    assert METHODS["dem"].shared_scale == METHODS["dare_linear"].shared_scale == "weights"
+    assert METHODS["model_stock"].shared_scale is None
+    with pytest.raises(baselines.DemError, match="model_stock.*own scale"):
+        baselines.shared_lambda("model_stock", ["a", "b"], 0.5)
+    with pytest.raises(baselines.DemError, match="no λ given for the baseline 'dare'"):
+        experiments.baseline_merges(["a"], {"a": 1.0}, {"task_arithmetic": 1.0, "ties": 1.0},
+                                    ties_density=0.2, dare_drop_prob=0.5, seed=0)  # fmt: skip
+
+
+def test_a_scorer_remembers_each_candidate_with_its_options(monkeypatch):
+    """One scorer serves a whole λ search: the options are part of the candidate."""
+    from dem import search
+
+    calls = []
+
+    class Merger:
+        model = torch.nn.Linear(1, 1)
+
+        def set_merge(self, method, w, **options):
+            calls.append((method, dict(w), options))
+
+    def fake_evaluate(model, tokenizer, sources, split, *, metrics, **kwargs):
+        return pd.DataFrame([{"source": "a", "metric": "accuracy", "value": 0.5}])
+
+    monkeypatch.setattr("dem.evaluate.evaluate", fake_evaluate)
+    score = search.validation_scorer(Merger(), None, [], metric="accuracy", method="ties",
+                                     density=0.2)  # fmt: skip
+    for lam in (0.5, 1.0, 0.5):
+        assert score({"a": 1.0}, lam=lam)["objective"] == 0.5
+    assert calls == [("ties", {"a": 1.0}, {"density": 0.2, "lam": 0.5}),
+                     ("ties", {"a": 1.0}, {"density": 0.2, "lam": 1.0})]  # fmt: skip

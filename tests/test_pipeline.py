@@ -10,7 +10,7 @@ import pytest
 
 from dem import DemError
 from dem.cli import main
-from dem.pipeline import PARAMS, resolve_params, run
+from dem.pipeline import PARAMS, notebook_defaults, resolve_params, run
 
 
 def _notebook(path: Path, body: str) -> None:
@@ -112,3 +112,24 @@ def test_list_names_chapters_and_parameter_sets(capsys):
     assert "04_weighted_merging" in shown and "Weighted merging" in shown
     assert all(f"  {name} " in shown for name in ("default", "scratch", "smoke"))
     assert resolve_params("smoke") == PARAMS / "smoke.yaml"
+
+
+def test_notebook_defaults_are_the_chapters_parameters_as_values(tmp_path):
+    for name, (default, doc) in {
+        "01_a": ("[1, 2]", "a list"),
+        "02_b": ("0.5", "later wins"),
+    }.items():
+        nb = nbf.v4.new_notebook()
+        cell = nbf.v4.new_code_cell(f'x: list = {default}  # {doc}\ny: str = "{name}"')
+        cell.metadata["tags"] = ["parameters"]
+        nb.cells = [cell]
+        nb.metadata["kernelspec"] = {
+            "name": "python3",
+            "display_name": "Python 3",
+            "language": "python",
+        }
+        nbf.write(nb, tmp_path / f"{name}.ipynb")
+    assert notebook_defaults("01", folder=tmp_path) == {"x": [1, 2], "y": "01_a"}
+    assert notebook_defaults(folder=tmp_path) == {"x": 0.5, "y": "02_b"}
+    with pytest.raises(DemError, match="no chapter '09'"):
+        notebook_defaults("09", folder=tmp_path)
