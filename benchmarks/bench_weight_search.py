@@ -3,9 +3,14 @@
 For each strategy, on the run's own vectors, validation examples and selection metric
 (``select_metric``, ``search_max_examples`` of the run's parameters): the candidates it scored,
 its gradient steps, its wall time, the point at which it first reached the grid's best
-validation objective (candidates and seconds), and the test scores of its choice. Then the
-same with 8 vectors — each source fine-tuned a second time with another seed — where the grid
-(V^8 candidates) is only estimated from its measured cost per candidate.
+validation objective (candidates, seconds, and those seconds as a share of the grid's whole
+search), and the test scores of its choice. Then the same with 8 vectors — each source
+fine-tuned a second time with another seed — where the grid (V^8 candidates) is only estimated
+from its measured cost per candidate, and the target is the 4-vector grid's best.
+
+The gradient searches run as chapter 04 runs them (``gradient_steps``, ``gradient_lr``,
+``gradient_minibatch``). They descend the validation loss; ``--metric loss`` compares every
+search on that objective, the default on the run's own ``select_metric``.
 
     python benchmarks/bench_weight_search.py --run runs/default [--out DIR] [--no-eight]
                                              [--metric loss]
@@ -46,7 +51,11 @@ def reached(trials: pd.DataFrame, target: float, minimize: bool) -> tuple[int | 
     return first + 1, float(ordered["elapsed_s"].iloc[first])
 
 
-def compare(merger, tokenizer, run, p, names, *, grid: bool) -> tuple[pd.DataFrame, dict]:
+def compare(
+    merger, tokenizer, run, p, names, *, grid: bool, target: float | None = None
+) -> tuple[pd.DataFrame, dict]:
+    """Each search's cost, best objective, and when it first reached ``target`` (the grid's
+    best when ``grid``), on this merger's vectors."""
     minimize = MINIMIZE[p["select_metric"]]
     search = dict(metric=p["select_metric"], max_examples=p["search_max_examples"] or None,
                   batch_size=p["eval_batch_size"])  # fmt: skip
@@ -63,20 +72,23 @@ def compare(merger, tokenizer, run, p, names, *, grid: bool) -> tuple[pd.DataFra
     for label, granularity in [("gradient", "source"), ("gradient/layer", "layer")]:
         searches[label] = experiments.gradient_search(
             merger, tokenizer, run.train_sources, fresh(), granularity=granularity,
-            steps=p["gradient_steps"], lr=p["gradient_lr"],
+            steps=p["gradient_steps"], lr=p["gradient_lr"], minibatch=p["gradient_minibatch"],
             max_examples=p["search_max_examples"] or None, minimize=minimize,
             max_length=p["max_length"])  # fmt: skip
-    target = float(searches["grid"]["objective"].iloc[0]) if grid else None
+    if grid:
+        target = float(searches["grid"]["objective"].iloc[0])
+    grid_s = experiments.search_cost(searches["grid"])["wall_s"] if grid else None
     rows, chosen = [], {}
     for label, trials in searches.items():
         cost = experiments.search_cost(trials)
-        n, s = reached(trials, target, minimize) if grid else (None, None)
+        n, s = reached(trials, target, minimize) if target is not None else (None, None)
         rows.append({"search": label, "weights": len(trials.filter(like="w_").columns),
                      "candidates": cost["candidates"], "steps": cost.get("steps", 0),
                      "wall_s": round(cost["wall_s"], 1),
                      "best_objective": round(float(trials["objective"].iloc[0]), 4),
                      "candidates_to_grid_best": n,
-                     "s_to_grid_best": None if s is None else round(s, 1)})  # fmt: skip
+                     "s_to_grid_best": None if s is None else round(s, 1),
+                     "share_of_grid_s": None if s is None or not grid_s else round(s / grid_s, 3)})  # fmt: skip
         chosen[label] = best_weights(trials)
     table = pd.DataFrame(rows).set_index("search")
     merges = {label: ("dem", w, {}) for label, w in chosen.items()}
@@ -139,7 +151,10 @@ def main() -> None:
         merger = InMemoryMerge(model, {**{n: vectors.load_vector(layout.vector(n)) for n in names},
                                        **extra})  # fmt: skip
         started = time.perf_counter()
-        eight, _ = compare(merger, tokenizer, run, p, merger.sources, grid=False)
+        # "to grid best": to the 4-vector grid's best, on the same selection examples
+        target = four.loc["grid", "best_objective"]
+        eight, _ = compare(merger, tokenizer, run, p, merger.sources, grid=False, target=target)
+        eight["share_of_grid_s"] = (eight["s_to_grid_best"] / four.loc["grid", "wall_s"]).round(3)
         grid_n = len(p["search_values"]) ** len(merger.sources)
         grid_s = four.attrs["s_per_grid_candidate"] * grid_n
         eight.loc["grid (estimated)"] = {"weights": len(merger.sources), "candidates": grid_n,

@@ -102,7 +102,7 @@ def gradient_search(
     steps: int = 50,
     lr: float = 0.05,
     high: float = 1.5,
-    minibatch: int = 16,
+    minibatch: int = 8,
     select_every: int = 10,
     max_examples: int | None = None,
     minimize: bool = True,

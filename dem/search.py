@@ -193,7 +193,8 @@ def search_weights(
     individual fine-tune θ0 + vᵢ exactly, whatever the strategy: a weight search that could
     pick a merge scoring worse on validation than simply using the best single fine-tune would
     be a search that loses to its own inputs. (The grid contains them already when ``values``
-    holds 0 and 1; they are then not evaluated twice.)
+    holds 0 and 1; they are then not evaluated twice.) The gradient strategy scores them after
+    its descent, which does not need them.
 
     ``start`` is coordinate ascent's and gradient descent's starting value for every weight
     (default: coordinate, the value nearest 1/K; gradient, 1/K for K sources).
@@ -233,9 +234,10 @@ def search_weights(
 
     better = (lambda a, b: a < b) if minimize else (lambda a, b: a > b)
     owner = [name.split("@")[0] for name in sources]  # the source each weight belongs to
-    if include_individuals:
-        for source in dict.fromkeys(owner):
-            evaluate([float(o == source) for o in owner])
+    individuals = [[float(o == source) for o in owner] for source in dict.fromkeys(owner)]
+    if include_individuals and strategy != "gradient":
+        for candidate in individuals:
+            evaluate(candidate)
     path: list[dict] = []
     if strategy == "grid":
         for candidate in itertools.product(values, repeat=len(sources)):
@@ -254,6 +256,9 @@ def search_weights(
         first = 1.0 / len(set(owner)) if start is None else start
         path = descend(evaluate, gradient, sources, first, steps=steps, lr=lr,
                         low=low, high=high, select_every=select_every)  # fmt: skip
+        # the descent does not need the individuals, only the choice does: scored after it
+        for candidate in individuals if include_individuals else ():
+            evaluate(candidate)
     else:
         if start is None:
             start = min(values, key=lambda x: abs(x - 1.0 / len(sources)))

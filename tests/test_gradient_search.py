@@ -134,9 +134,11 @@ def test_gradient_strategy_descends_in_its_box_and_selects_by_the_search_metric(
     assert list(path["step"]) == list(range(300))
     assert path["loss"].iloc[-1] < path["loss"].iloc[0]
     assert path[[f"w_{k}" for k in target]].stack().between(0.0, 1.5).all()
-    # scored: 3 individuals, the start (1/3 each) and steps 100, 200, 300 -- nothing else
-    assert len(scored) == len(trials) == 3 + 1 + 3
-    assert scored[3] == pytest.approx(dict.fromkeys(target, 1 / 3))
+    # scored: the start (1/3 each), steps 100, 200, 300, then the 3 individuals -- nothing else
+    assert len(scored) == len(trials) == 1 + 3 + 3
+    assert scored[0] == pytest.approx(dict.fromkeys(target, 1 / 3))
+    assert scored[4:] == [{"a": 1.0, "b": 0.0, "c": 0.0}, {"a": 0.0, "b": 1.0, "c": 0.0},
+                          {"a": 0.0, "b": 0.0, "c": 1.0}]  # fmt: skip
     with pytest.raises(DemError, match="needs gradient"):
         search_weights(score, ["a"], "gradient")
     with pytest.raises(DemError, match="steps >= 1"):
