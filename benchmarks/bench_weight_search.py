@@ -9,7 +9,7 @@ fine-tuned a second time with another seed — where the grid (V^8 candidates) i
 from its measured cost per candidate, and the target is the 4-vector grid's best.
 
 The gradient searches run as chapter 04 runs them (``gradient_steps``, ``gradient_lr``,
-``gradient_minibatch``). They descend the validation loss; ``--metric loss`` compares every
+``gradient_minibatch``, ``gradient_select_every``). They descend the validation loss; ``--metric loss`` compares every
 search on that objective, the default on the run's own ``select_metric``.
 
     python benchmarks/bench_weight_search.py --run runs/default [--out DIR] [--no-eight]
@@ -73,6 +73,7 @@ def compare(
         searches[label] = experiments.gradient_search(
             merger, tokenizer, run.train_sources, fresh(), granularity=granularity,
             steps=p["gradient_steps"], lr=p["gradient_lr"], minibatch=p["gradient_minibatch"],
+            select_every=p["gradient_select_every"],
             max_examples=p["search_max_examples"] or None, minimize=minimize,
             max_length=p["max_length"])  # fmt: skip
     if grid:

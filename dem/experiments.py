@@ -103,7 +103,7 @@ def gradient_search(
     lr: float = 0.05,
     high: float = 1.5,
     minibatch: int = 8,
-    select_every: int = 10,
+    select_every: int = 5,
     max_examples: int | None = None,
     minimize: bool = True,
     max_length: int = 512,
