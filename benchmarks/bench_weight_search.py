@@ -9,7 +9,8 @@ fine-tuned a second time with another seed — where the grid (V^8 candidates) i
 from its measured cost per candidate, and the target is the 4-vector grid's best.
 
 The gradient searches run as chapter 04 runs them (``gradient_steps``, ``gradient_lr``,
-``gradient_minibatch``, ``gradient_select_every``). They descend the validation loss; ``--metric loss`` compares every
+``gradient_minibatch``, ``gradient_select_every``; chapter 04's defaults where the run's
+parameters predate one). They descend the validation loss: ``--metric loss`` compares every
 search on that objective, the default on the run's own ``select_metric``.
 
     python benchmarks/bench_weight_search.py --run runs/default [--out DIR] [--no-eight]
