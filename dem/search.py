@@ -5,20 +5,21 @@ Here the live model's parameters are overwritten with ``theta_base + sum_i w_i *
 own device (the base and the vectors are kept there in float32), so a candidate costs a few
 vector additions plus its evaluation — no disk, no reload.
 
-Four strategies share one interface (:func:`search_weights`): the paper's Cartesian ``grid``,
-``random`` sampling, ``coordinate`` ascent (sweep one source's weight at a time, keep the best,
-repeat), which needs far fewer evaluations than the grid when there are many sources, and
+The strategies are records in one registry, :data:`dem.strategies.STRATEGIES` (as merge
+methods are in :mod:`dem.methods`): the paper's Cartesian ``grid``, ``random`` sampling, ``coordinate`` ascent
+(sweep one source's weight at a time, keep the best, repeat), which needs far fewer evaluations
+than the grid when there are many sources, Optuna's ``tpe`` sampler over continuous weights, and
 ``gradient`` descent on the validation loss. The last uses what makes DEM special: the merge
 θ(w) = θ0 + Σ_i w_i·v_i is linear in w, so ∂L/∂w_i = Σ_tensors ⟨∇_θ L(θ(w)), v_i⟩ — one forward
 and backward pass gives the derivative for every source at once (:meth:`InMemoryMerge.
 loss_and_gradient`), and for one weight per source *and block of layers* as cheaply
-(``granularity="layer"``). Every trial comes back as one row of a table; the best is chosen on
-validation only, by the same metric whatever the strategy.
+(``granularity="layer"``). Adding a strategy is one function and one :class:`Strategy`. Every
+trial comes back as one row of a table (:class:`dem.strategies.Trials`); the best is chosen on validation
+only, by the same metric whatever the strategy.
 """
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Callable, Mapping, Sequence
 
@@ -26,10 +27,10 @@ import pandas as pd
 import torch
 
 from dem import DemError
-from dem.gradient import block_rank, descend, is_per_block, loss_and_gradient, tensor_blocks
+from dem.gradient import block_rank, is_per_block, loss_and_gradient, tensor_blocks
 from dem.methods import METHODS, check_weights, get_method, resolve_params, tensor_generator
+from dem.strategies import STRATEGIES, Trials, get_strategy
 
-STRATEGIES = ("grid", "random", "coordinate", "gradient")
 GRANULARITIES = ("source", "layer")
 # Lower is better for losses; higher for scores. The objective is the mean over sources.
 MINIMIZE = {"loss": True, "accuracy": False}
@@ -167,117 +168,42 @@ def search_weights(
     sources: Sequence[str],
     strategy: str = "grid",
     *,
-    values: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
-    n_trials: int = 32,
-    low: float = 0.0,
-    high: float = 1.0,
-    rounds: int = 2,
-    seed: int = 0,
     minimize: bool = True,
     include_individuals: bool = True,
-    gradient: Callable[[dict[str, float], int], tuple[float, dict[str, float]]] | None = None,
-    steps: int = 100,
-    lr: float = 0.05,
-    select_every: int = 25,
-    start: float | None = None,
+    **options,
 ) -> pd.DataFrame:
-    """Evaluate candidate weights and return every trial as a table, best first.
+    """Evaluate candidate weights with one strategy of :data:`STRATEGIES`; every trial as a row
+    of a table, best first (ties: the earlier trial).
 
     ``score(w)`` returns a dict with at least ``"objective"`` (plus any per-source metrics to
-    record). ``grid`` tries the Cartesian product of ``values``; ``random`` draws ``n_trials``
-    points uniformly from ``[low, high]^K`` (seeded); ``coordinate`` starts with every weight at the
-    value nearest 1/K and sweeps each source's weight over ``values`` in
-    turn, for ``rounds`` rounds, keeping the best. A candidate seen before is not re-evaluated.
+    record); the best is the lowest objective when ``minimize``, else the highest. ``options``
+    are the strategy's keywords (its record's :attr:`Strategy.params`, documented on its
+    function); one that only another strategy takes is ignored, so one call can carry every
+    strategy's settings, and one that no strategy takes is an error.
 
-    ``include_individuals`` (on by default) first evaluates the K one-hot weights, i.e. each
+    ``include_individuals`` (on by default) also evaluates the K one-hot weights, i.e. each
     individual fine-tune θ0 + vᵢ exactly, whatever the strategy: a weight search that could
     pick a merge scoring worse on validation than simply using the best single fine-tune would
-    be a search that loses to its own inputs. (The grid contains them already when ``values``
-    holds 0 and 1; they are then not evaluated twice.) The gradient strategy scores them after
-    its descent, which does not need them.
-
-    ``start`` is coordinate ascent's and gradient descent's starting value for every weight
-    (default: coordinate, the value nearest 1/K; gradient, 1/K for K sources).
-
-    ``gradient`` descends the validation loss: ``gradient(w, step)`` returns (J, ∂J/∂w) at step
-    ``step`` (see :meth:`InMemoryMerge.loss_and_gradient`; the step picks a minibatch); from its
-    start it takes
-    ``steps`` Adam steps of size ``lr``, keeping each weight in ``[low, high]``, and scores the
-    start, every ``select_every``-th step and the end with ``score`` like any candidate — so
-    the choice among them is made by the same metric as every other strategy's. Each step's J
-    and w are in ``trials.attrs["gradient_path"]``. ``sources`` may name one weight per source
-    and block (``"facts@layer3"``, :meth:`InMemoryMerge.weight_names`); the individuals are then
-    each source's blocks all at 1.
+    be a search that loses to its own inputs. A candidate seen before is not re-evaluated (the
+    grid contains the individuals when ``values`` holds 0 and 1). ``sources`` may name one
+    weight per source and block (``"facts@layer3"``, :meth:`InMemoryMerge.weight_names`); the
+    individuals are then each source's blocks all at 1.
     """
-    if strategy not in STRATEGIES:
-        raise DemError(
-            f"unknown search strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}"
-        )
-    sources = list(sources)
+    chosen = get_strategy(strategy)
+    unknown = sorted(set(options) - {p for s in STRATEGIES.values() for p in s.params})
+    if unknown:
+        raise DemError(f"unknown search option {unknown[0]!r}; the strategies take "
+                       f"{', '.join(sorted({p for s in STRATEGIES.values() for p in s.params}))}")  # fmt: skip
     if not sources:
         raise DemError("weight search needs at least one source")
-    rows: list[dict] = []
-    seen: dict[tuple[float, ...], dict] = {}
-    began = time.perf_counter()
-
-    def evaluate(candidate: Sequence[float]) -> float:
-        key = tuple(round(float(x), 10) for x in candidate)
-        if key not in seen:
-            result = dict(score(dict(zip(sources, key, strict=True))))
-            row = {"trial": len(rows), **{f"w_{s}": x for s, x in zip(sources, key, strict=True)}}
-            row.update(result)
-            # seconds since the search began, this candidate scored (gradient steps included)
-            row["elapsed_s"] = time.perf_counter() - began
-            rows.append(row)
-            seen[key] = row
-        return seen[key]["objective"]
-
-    better = (lambda a, b: a < b) if minimize else (lambda a, b: a > b)
-    owner = [name.split("@")[0] for name in sources]  # the source each weight belongs to
-    individuals = [[float(o == source) for o in owner] for source in dict.fromkeys(owner)]
-    if include_individuals and strategy != "gradient":
-        for candidate in individuals:
-            evaluate(candidate)
-    path: list[dict] = []
-    if strategy == "grid":
-        for candidate in itertools.product(values, repeat=len(sources)):
-            evaluate(candidate)
-    elif strategy == "random":
-        generator = torch.Generator().manual_seed(seed)
-        points = low + (high - low) * torch.rand(n_trials, len(sources), generator=generator)
-        for candidate in points.tolist():
-            evaluate(candidate)
-    elif strategy == "gradient":
-        if gradient is None:
-            raise DemError("the gradient strategy needs gradient(w) -> (loss, dloss/dw)")
-        if steps < 1 or select_every < 1 or not lr > 0:
-            raise DemError(f"gradient search needs steps >= 1, select_every >= 1 and lr > 0; "
-                           f"got steps={steps}, select_every={select_every}, lr={lr}")  # fmt: skip
-        first = 1.0 / len(set(owner)) if start is None else start
-        path = descend(evaluate, gradient, sources, first, steps=steps, lr=lr,
-                        low=low, high=high, select_every=select_every)  # fmt: skip
-        # the descent does not need the individuals, only the choice does: scored after it
-        for candidate in individuals if include_individuals else ():
-            evaluate(candidate)
-    else:
-        if start is None:
-            start = min(values, key=lambda x: abs(x - 1.0 / len(sources)))
-        best = [start] * len(sources)
-        best_score = evaluate(best)
-        for _ in range(rounds):
-            improved = False
-            for i in range(len(sources)):
-                for value in values:
-                    candidate = best[:i] + [value] + best[i + 1 :]
-                    result = evaluate(candidate)
-                    if better(result, best_score):
-                        best, best_score, improved = candidate, result, True
-            if not improved:
-                break
-    table = pd.DataFrame(rows)
-    table = table.sort_values("objective", ascending=minimize, kind="stable").reset_index(drop=True)
-    if strategy == "gradient":
-        table.attrs["gradient_path"] = pd.DataFrame(path)
+    trials = Trials(score, sources, minimize=minimize, include_individuals=include_individuals)
+    if chosen.individuals == "first":
+        trials.evaluate_all(trials.individuals)
+    attrs = chosen.run(trials, **{k: v for k, v in options.items() if k in chosen.params})
+    if chosen.individuals == "last":
+        trials.evaluate_all(trials.individuals)
+    table = trials.table()
+    table.attrs.update(attrs or {})
     return table
 
 

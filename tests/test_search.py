@@ -8,6 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from dem import DemError
 from dem.search import InMemoryMerge, best_weights, search_weights
+from dem.strategies import STRATEGIES, Strategy
 
 
 def _tiny_llama(seed: int, tie: bool = True) -> LlamaForCausalLM:
@@ -121,6 +122,51 @@ def test_maximize_and_random_are_seeded():
 def test_bad_strategy_is_a_clear_error():
     with pytest.raises(DemError, match="unknown search strategy 'bayes'"):
         search_weights(lambda w: {"objective": 0.0}, ["a"], "bayes")
+    with pytest.raises(DemError, match="unknown search option 'n_trail'"):
+        search_weights(lambda w: {"objective": 0.0}, ["a"], "grid", n_trail=3)
+
+
+def test_tpe_is_seeded_scores_n_trials_in_the_grid_range_and_defaults_to_the_grid_count():
+    score, calls = _bowl({"a": 0.3, "b": 0.8})
+
+    def run(seed, **options):
+        trials = search_weights(score, ["a", "b"], "tpe", values=[0.0, 0.5, 1.0], seed=seed,
+                                **options)  # fmt: skip
+        return trials.drop(columns="elapsed_s")
+
+    first = run(1, n_trials=12)
+    assert len(first) == 12 and len(calls) == 12  # the 2 individuals are 2 of the 12
+    assert first["trial"].tolist() != list(range(12)), "the table is not sorted by objective"
+    assert first.sort_values("trial").iloc[:2][["w_a", "w_b"]].values.tolist() == [[1, 0], [0, 1]]
+    assert first.equals(run(1, n_trials=12))
+    assert not first.equals(run(2, n_trials=12))
+    assert first[["w_a", "w_b"]].stack().between(0.0, 1.0).all()
+    assert first["objective"].iloc[0] == first["objective"].min() < 0.05  # it finds the bowl
+    assert len(run(1)) == 3**2  # as many as the grid of the same values scores
+    inside = run(1, n_trials=6, low=0.2, high=0.6, include_individuals=False)
+    assert len(inside) == 6 and inside[["w_a", "w_b"]].stack().between(0.2, 0.6).all()
+
+
+def test_a_registered_strategy_is_dispatched_with_only_its_own_options():
+    seen = {}
+
+    def halves(trials, *, values=(0.5,), seed=0):
+        seen.update(values=values, seed=seed)
+        trials.evaluate_all([[v] * len(trials.names) for v in values])
+        return {"note": "halves"}
+
+    strategy = Strategy("halves", "every weight at each value in turn", halves)
+    assert strategy.params == ("values", "seed")
+    try:
+        STRATEGIES["halves"] = strategy
+        score, calls = _bowl({"a": 0.5, "b": 0.5})
+        trials = search_weights(score, ["a", "b"], "halves", values=[0.25, 0.5], seed=4, steps=9)
+    finally:
+        del STRATEGIES["halves"]
+    assert seen == {"values": [0.25, 0.5], "seed": 4}  # steps: the gradient's, not passed
+    assert calls == [{"a": 1.0, "b": 0.0}, {"a": 0.0, "b": 1.0},
+                     {"a": 0.25, "b": 0.25}, {"a": 0.5, "b": 0.5}]  # fmt: skip
+    assert best_weights(trials) == {"a": 0.5, "b": 0.5} and trials.attrs["note"] == "halves"
 
 
 def test_apply_method_leaves_the_stored_vectors_alone():
@@ -145,7 +191,7 @@ def _flat(w, step):  # the gradient strategy's derivative where the objective is
     return 0.0, dict.fromkeys(w, 0.0)
 
 
-@pytest.mark.parametrize("strategy", ["grid", "random", "coordinate", "gradient"])
+@pytest.mark.parametrize("strategy", ["grid", "random", "coordinate", "gradient", "tpe"])
 @pytest.mark.parametrize("minimize", [True, False])
 def test_a_search_never_scores_below_the_best_individual(strategy, minimize):
     # Merges score badly and one individual (w = one-hot on "b") best: a random draw or a
