@@ -32,7 +32,7 @@ from dem import experiments, vectors
 from dem.layout import RunLayout
 from dem.models import load_model
 from dem.notebook import setup
-from dem.pipeline import notebook_defaults
+from dem.config import RunConfig
 from dem.search import MINIMIZE, InMemoryMerge, best_weights, search_weights, validation_scorer
 from dem.training.finetune import finetune
 from dem.training.settings import FinetuneSettings
@@ -123,7 +123,7 @@ def main() -> None:
     layout = RunLayout(args.run)
     manifest = json.loads((Path(args.run) / "manifest.json").read_text())
     # the chapters' defaults under the run's own parameters: what chapters 02 and 04 used
-    p = {**notebook_defaults("02", "04"), **manifest["parameters"], "run_dir": args.run}
+    p = {**RunConfig().to_dict(), **manifest["parameters"], "run_dir": args.run}
     p["select_metric"] = args.metric or p["select_metric"]
     out = Path(
         args.out or Path(args.run) / ("bench" if args.metric is None else f"bench-{args.metric}")

@@ -31,5 +31,9 @@ def cache_dir() -> Path:
 class DemError(Exception):
     """An error the user can fix: the message names the file, tensor or parameter at fault.
 
-    The command line prints it as one line on stderr and exits non-zero, without a traceback.
+    The command line prints it as one line on stderr and exits non-zero, without a traceback;
+    Jupyter shows the same one line (IPython asks an exception for ``_render_traceback_``).
     """
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"{type(self).__name__}: {self}"]

@@ -6,6 +6,7 @@ path and a reader can see here who writes what::
 
     runs/NAME/
       manifest.json          dem run: parameters, provenance, one record per step
+      chapters/NN.json       NN: the chapter finished, with the settings it ran with
       metrics.json           06: test scores, averages and costs per method, the swap experiment
       notebooks/NN_*.ipynb   dem run: the executed chapters
       models/base            02: θ0 (the tiny pretrained base or the named model)
@@ -96,6 +97,10 @@ class RunLayout:
     @property
     def notebooks(self) -> Path:
         return self.root / "notebooks"
+
+    def chapter_record(self, chapter: str) -> Path:
+        """Written when chapter ``chapter`` (``"02"``) finishes; later chapters check it."""
+        return self.root / "chapters" / f"{chapter}.json"
 
     def executed_notebook(self, name: str) -> Path:
         """The executed copy of chapter ``name`` (``NN_title.ipynb``)."""

@@ -9,16 +9,14 @@ the same folder skips the finished steps whose inputs did not change and reruns 
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import json
 import os
 import time
 from pathlib import Path
 
-import yaml
-
 from dem import DemError, resources
+from dem.config import chapter_of, load_config
 from dem.execute import run_notebook
 from dem.io import write_json
 from dem.layout import RunLayout
@@ -26,8 +24,6 @@ from dem.provenance import provenance
 
 NOTEBOOKS = resources.NOTEBOOKS
 PARAMS = resources.PARAMS
-# Parameters dem run supplies itself; a parameter file must not set them.
-RESERVED = {"run_dir"}
 
 
 def resolve_params(name: str | Path | None) -> Path:
@@ -39,24 +35,6 @@ def resolve_params(name: str | Path | None) -> Path:
     if not path.exists() and path.suffix == "" and len(path.parts) == 1 and shipped.is_file():
         return shipped
     return path
-
-
-def load_params(path: str | Path) -> dict:
-    """Read a YAML parameter set (a flat mapping of notebook parameters)."""
-    path = Path(path)
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in PARAMS.glob("*.yaml")))
-        raise DemError(f"parameter file {path} not found (shipped sets: {known})")
-    try:
-        params = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise DemError(f"parameter file {path} is not valid YAML: {err}".splitlines()[0]) from None
-    if not isinstance(params, dict):
-        raise DemError(f"parameter file {path} must be a mapping of parameter: value")
-    bad = RESERVED & set(params)
-    if bad:
-        raise DemError(f"parameter file {path} sets {sorted(bad)}, which dem run sets itself")
-    return params
 
 
 def notebooks(folder: Path = NOTEBOOKS) -> list[Path]:
@@ -90,22 +68,6 @@ def chapters(folder: Path = NOTEBOOKS) -> list[tuple[str, str]]:
         title = "".join(cells[0]["source"]).splitlines()[0].lstrip("# ") if cells else ""
         rows.append((nb.stem, title))
     return rows
-
-
-def notebook_defaults(*names: str, folder: Path = NOTEBOOKS) -> dict:
-    """The default of every parameter the named chapters declare (``"04"`` or a notebook's
-    stem; all chapters if none), as their parameters cells give it — a later chapter's default
-    wins. For scripts that repeat a chapter's work on a finished run (the benchmarks)."""
-    import papermill as pm
-
-    books = notebooks(folder)
-    if names:
-        books = [nb for name in names for nb in _select(books, name, None)]
-    defaults = {}
-    for nb in books:
-        for name, spec in pm.inspect_notebook(str(nb)).items():
-            defaults[name] = ast.literal_eval(spec["default"])
-    return defaults
 
 
 def parameter_sets(folder: Path = PARAMS) -> list[tuple[str, str]]:
@@ -148,7 +110,13 @@ def run(
     import papermill as pm
 
     params_file = resolve_params(params_file)
-    params = {**load_params(params_file), **(overrides or {})}
+    if not params_file.is_file():
+        known = ", ".join(sorted(p.stem for p in PARAMS.glob("*.yaml")))
+        raise DemError(f"parameter file {params_file} not found (shipped sets: {known})")
+    # Every setting is checked before anything is written.
+    config = load_config(params_file, overrides)
+    params = config.to_dict()
+    params.pop("run_dir")
     run_dir = Path(out) if out else Path("runs") / params_file.stem
     run_dir = run_dir.resolve()
     layout = RunLayout(run_dir)
@@ -163,13 +131,6 @@ def run(
 
     books = notebooks(Path(notebook_dir))
     selected = _select(books, only, start)
-    declared = {nb.name: pm.inspect_notebook(str(nb)) for nb in books}
-    unknown = set(params) - {name for spec in declared.values() for name in spec}
-    if unknown:
-        raise DemError(
-            f"parameter file {params_file} sets {sorted(unknown)}, which no notebook declares "
-            "(see `papermill --help-notebook notebooks/NN_name.ipynb`)"
-        )
 
     # MPLBACKEND=agg: figures render to files in a headless kernel (no display here).
     os.environ.setdefault("MPLBACKEND", "agg")
@@ -179,6 +140,7 @@ def run(
     manifest = {
         "params_file": str(params_file.resolve()),
         "parameters": params,
+        "changed_from_default": config.changes(),
         "seed": params.get("seed"),
         **provenance(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -189,8 +151,8 @@ def run(
     keys, key = {}, ""
     step_params = {}
     for nb in books:
-        step_params[nb] = {k: v for k, v in params.items() if k in declared[nb.name]}
-        step_params[nb]["run_dir"] = str(run_dir)
+        # Each chapter gets every setting it declares (RunConfig), not only the file's.
+        step_params[nb] = {**config.to_dict(chapter_of(nb)), "run_dir": str(run_dir)}
         key = keys[nb] = _step_key(nb, step_params[nb], key)
     finished = {
         nb: done.get(nb.stem, {}).get("key") == keys[nb]

@@ -67,20 +67,6 @@ def test_help_notebook_lists_every_parameter_with_a_description(path):
     assert all(len(text) > 10 for text in listed.values())
 
 
-def test_parameter_sets_only_set_declared_parameters():
-    declared = set()
-    for path in BOOKS:
-        cell = next(
-            c
-            for c in nbformat.read(path, as_version=4).cells
-            if "parameters" in c.metadata.get("tags", [])
-        )
-        declared |= set(re.findall(r"^(\w+)\s*(?::[^=]+)?=", cell.source, flags=re.M))
-    for params in sorted(PARAMS.glob("*.yaml")):
-        unknown = set(yaml.safe_load(params.read_text())) - declared
-        assert not unknown, f"{params.name} sets undeclared parameters {unknown}"
-
-
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("smoke") / "run"

@@ -10,12 +10,12 @@ import pytest
 
 from dem import DemError
 from dem.cli import main
-from dem.pipeline import PARAMS, notebook_defaults, resolve_params, run
+from dem.pipeline import PARAMS, resolve_params, run
 
 
 def _notebook(path: Path, body: str) -> None:
     nb = nbf.v4.new_notebook()
-    params = nbf.v4.new_code_cell('run_dir: str = "."  # run folder\nx: int = 1  # a number')
+    params = nbf.v4.new_code_cell('run_dir: str = "."  # run folder\nseed: int = 0  # a setting')
     params.metadata["tags"] = ["parameters"]
     nb.cells = [params, nbf.v4.new_code_cell(body)]
     nb.metadata["kernelspec"] = {
@@ -30,11 +30,11 @@ def _notebook(path: Path, body: str) -> None:
 def project(tmp_path):
     books = tmp_path / "notebooks"
     books.mkdir()
-    log = "from pathlib import Path\nwith open(Path(run_dir) / 'log.txt', 'a') as f: f.write('{}' + str(x) + '\\n')"
+    log = "from pathlib import Path\nwith open(Path(run_dir) / 'log.txt', 'a') as f: f.write('{}' + str(seed) + '\\n')"
     _notebook(books / "01_first.ipynb", log.format("first"))
     _notebook(books / "02_second.ipynb", log.format("second"))
     params = tmp_path / "p.yaml"
-    params.write_text("x: 3\n")
+    params.write_text("seed: 3\n")
     return books, params, tmp_path / "run"
 
 
@@ -43,7 +43,8 @@ def test_runs_in_order_records_manifest_and_skips_unchanged_steps(project):
     run(params, out, notebook_dir=books, log=lambda *_: None)
     assert (out / "log.txt").read_text() == "first3\nsecond3\n"
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["parameters"] == {"x": 3}
+    assert manifest["parameters"]["seed"] == 3 and "run_dir" not in manifest["parameters"]
+    assert manifest["changed_from_default"] == {"seed": 3}
     assert set(manifest["steps"]) == {"01_first", "02_second"}
     assert {"torch", "papermill", "dem"} <= set(manifest["versions"])
     assert "commit" in manifest["git"] and "cpu_count" in manifest["hardware"]
@@ -73,13 +74,13 @@ def test_failing_notebook_names_notebook_cell_and_error_and_keeps_it(project):
 
 def test_unknown_parameter_and_foreign_folder_are_refused(project, tmp_path):
     books, params, out = project
-    params.write_text("x: 1\ntypo_param: 2\n")
+    params.write_text("seed: 1\ntypo_param: 2\n")
     with pytest.raises(DemError, match="typo_param"):
         run(params, out, notebook_dir=books, log=lambda *_: None)
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
-    params.write_text("x: 1\n")
+    params.write_text("seed: 1\n")
     with pytest.raises(DemError, match="not a dem run folder"):
         run(params, foreign, notebook_dir=books, log=lambda *_: None)
     assert (foreign / "notes.txt").read_text() == "keep me"
@@ -112,24 +113,3 @@ def test_list_names_chapters_and_parameter_sets(capsys):
     assert "04_weighted_merging" in shown and "Weighted merging" in shown
     assert all(f"  {name} " in shown for name in ("default", "scratch", "smoke"))
     assert resolve_params("smoke") == PARAMS / "smoke.yaml"
-
-
-def test_notebook_defaults_are_the_chapters_parameters_as_values(tmp_path):
-    for name, (default, doc) in {
-        "01_a": ("[1, 2]", "a list"),
-        "02_b": ("0.5", "later wins"),
-    }.items():
-        nb = nbf.v4.new_notebook()
-        cell = nbf.v4.new_code_cell(f'x: list = {default}  # {doc}\ny: str = "{name}"')
-        cell.metadata["tags"] = ["parameters"]
-        nb.cells = [cell]
-        nb.metadata["kernelspec"] = {
-            "name": "python3",
-            "display_name": "Python 3",
-            "language": "python",
-        }
-        nbf.write(nb, tmp_path / f"{name}.ipynb")
-    assert notebook_defaults("01", folder=tmp_path) == {"x": [1, 2], "y": "01_a"}
-    assert notebook_defaults(folder=tmp_path) == {"x": 0.5, "y": "02_b"}
-    with pytest.raises(DemError, match="no chapter '09'"):
-        notebook_defaults("09", folder=tmp_path)

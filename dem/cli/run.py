@@ -23,6 +23,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", metavar="DIR", help="run folder (default: runs/<params name>)")
     p.add_argument("--force", action="store_true", help="rerun every step, even the unchanged ones")
     p.add_argument("--seed", type=int, help="override the parameter set's seed")
+    p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one setting (VALUE as YAML: --set finetune_steps=400 "
+                   "--set 'search_values=[0, 1]'); `dem config` lists them")  # fmt: skip
     p.add_argument("--quiet", action="store_true",
                    help="one line per chapter: no section lines, no progress bars (CI logs)")  # fmt: skip
     which = p.add_mutually_exclusive_group()
@@ -33,6 +36,19 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     which.add_argument("--list", action="store_true",
                        help="list the chapters and the shipped parameter sets, then exit")  # fmt: skip
     p.set_defaults(func=_run)
+
+    p = sub.add_parser(
+        "config",
+        help="show every run setting: its value, the chapters that read it and why",
+        description="Every setting of a tutorial run is declared once (dem/config.py, "
+        "RunConfig), with its default: the embedded default. Without --params, list them "
+        "with their why; with --params, show the values that parameter set gives, checked, "
+        "and what it changes.",
+    )
+    p.add_argument("--params", metavar="NAME|FILE", help="a shipped parameter set or a YAML file")
+    p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one setting, as for dem run")  # fmt: skip
+    p.set_defaults(func=_config)
 
     p = sub.add_parser(
         "seeds",
@@ -59,6 +75,29 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", metavar="DIR", required=True, help="output folder, e.g. docs/default")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=_publish)
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    from dem.config import parse_assignment
+
+    overrides = dict(parse_assignment(text) for text in args.settings)
+    if getattr(args, "seed", None) is not None:
+        overrides["seed"] = args.seed
+    return overrides
+
+
+def _config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from dem import config, pipeline
+
+    if not args.params and not args.settings:
+        print(config.describe())
+        return 0
+    chosen = config.load_config(pipeline.resolve_params(args.params), _overrides(args))
+    print(yaml.safe_dump({"changes": chosen.changes(), "settings": chosen.to_dict()},
+                         sort_keys=False, allow_unicode=True), end="")  # fmt: skip
+    return 0
 
 
 def _publish(args: argparse.Namespace) -> int:
@@ -88,9 +127,8 @@ def _run(args: argparse.Namespace) -> int:
         for name, line in pipeline.parameter_sets():
             print(f"  {name:<26} {line}")
         return 0
-    overrides = {} if args.seed is None else {"seed": args.seed}
     run_dir = pipeline.run(
-        args.params, args.out, force=args.force, overrides=overrides, only=args.only,
+        args.params, args.out, force=args.force, overrides=_overrides(args), only=args.only,
         start=args.start, quiet=args.quiet,
     )  # fmt: skip
     print(f"run finished: {run_dir} (open it with: jupyter lab {run_dir})")

@@ -1,0 +1,597 @@
+"""Every setting of a tutorial run, declared once: :class:`RunConfig`.
+
+Each field is one setting with its type, its default and a one-line why; the defaults *are* the
+embedded default (``notebooks/params/default.yaml`` adds nothing to them). Everything else is
+derived from this list:
+
+- the chapters' ``parameters`` cells (``python -m dem.config --sync-notebooks`` writes them from
+  the fields each chapter declares; ``tests/test_config.py`` checks that they agree);
+- the parameter files: each lists only what it changes, and :func:`load_config` refuses an
+  unknown key, a value of the wrong type or outside its choices, naming the file and the key;
+- ``dem run --set KEY=VALUE`` and ``dem config``, which shows every setting with its why;
+- :meth:`dem.notebook.setup`, which checks the values a chapter was run with.
+
+Nothing here imports torch, so the command line can read it cheaply.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from dem import DemError
+
+ALL = ("01", "02", "03", "04", "05", "06")
+TRAINING = ("02", "05", "06")  # the chapters that train (06: the swap's new fine-tune)
+CORPORA = ("generic", "knowledge")
+SELECT_METRICS = ("accuracy", "loss")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def _at_least(low: float, *, above: bool = False) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        if value < low or (above and value == low):
+            return f"a number {'>' if above else '>='} {low:g}"
+        return None
+
+    return check
+
+
+def _fraction(*, open_high: bool) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        if not 0 <= value <= 1 or (open_high and value == 1) or not math.isfinite(value):
+            return f"a number in [0, 1{')' if open_high else ']'}"
+        return None
+
+    return check
+
+
+def _one_of(choices: Callable[[], tuple] | tuple) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        known = choices() if callable(choices) else choices
+        values = value if isinstance(value, list) else [value]
+        bad = [v for v in values if v not in known]
+        return f"one of {', '.join(map(str, known))}" if bad else None
+
+    return check
+
+
+def _device(value: str) -> str | None:
+    if value.split(":")[0] not in DEVICES:
+        return f"one of {', '.join(DEVICES)} (or cuda:N)"
+    return None
+
+
+def _strategies() -> tuple:
+    # The registry lives with the search; read lazily (it imports torch).
+    from dem.search import STRATEGIES
+
+    # The gradient search runs beside the chosen strategy in chapter 04 (section 5).
+    return tuple(s for s in STRATEGIES if s != "gradient")
+
+
+def _merge_methods() -> tuple:
+    from dem.methods import METHODS
+
+    return tuple(METHODS)
+
+
+def setting(
+    default: Any,
+    help: str,
+    *,
+    chapters: tuple[str, ...] = ALL,
+    check: Callable[[Any], str | None] | None = None,
+) -> Any:
+    """A run setting: its default, a one-line help, the chapters that declare it, its check.
+
+    ``check`` returns what was expected (a phrase) when the value is refused, else None.
+    """
+    meta = {"help": help, "chapters": chapters, "check": check}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: _copy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _copy(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_copy(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    return value
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The settings of one run of the tutorial; the defaults are the embedded default.
+
+    The faithful regime: a 2.6M-parameter Llama pretrained once on prose, the sources' knowledge
+    in raw form and requests worded unlike any source (shipped: ``dem:tiny-knowledge``), fine-tuned
+    briefly on each of four generated sources, which moves its weights by a few percent. CPU,
+    offline, about 15 minutes on 2 cores.
+    """
+
+    run_dir: str = setting(
+        "runs/default",
+        "folder for everything this run writes (relative: to the folder holding notebooks/); "
+        "`dem run` sets it",
+    )
+    seed: int = setting(
+        0, "seeds every generator, split, initialisation and data order", check=_at_least(0)
+    )
+    # --- data -----------------------------------------------------------------------------
+    sources: list[str | dict] = setting(
+        ["arithmetic", "arithmetic_cot", "word_edit", "facts"],
+        "data sources, one fine-tune each (`dem sources list`; a dict for your own data)",
+    )
+    composite: str = setting(
+        "composite",
+        "held-out set needing two skills at once, never trained on; empty for none",
+    )
+    n_train: int = setting(
+        2000,
+        "training examples per source (built-in sources generate exactly this many)",
+        check=_at_least(1),
+    )
+    n_validation: int = setting(
+        200,
+        "validation examples per source: they choose weights, ratios and λs",
+        check=_at_least(1),
+    )
+    n_test: int = setting(200, "test examples per source: they only report", check=_at_least(1))
+    # --- the base -------------------------------------------------------------------------
+    base_model: str = setting(
+        "dem:tiny-knowledge",
+        "the pretrained base: dem:NAME (shipped, data/bases), a HF id, a model folder or a "
+        ".gguf file; empty: a tiny base pretrained from scratch in chapter 02",
+    )
+    gguf_file: str = setting(
+        "", "file name inside base_model when it is a GGUF repository or folder"
+    )
+    max_length: int = setting(
+        128,
+        "tokens per example (prompt + response); longer ones are counted and reported",
+        check=_at_least(1),
+    )
+    max_new_tokens: int = setting(
+        0, "cap on generated tokens per answer (0: each source's own budget)", check=_at_least(0)
+    )
+    device: str = setting("auto", "auto picks cuda, then mps, then cpu; or name one", check=_device)
+    pretrain_steps: int = setting(
+        600,
+        "steps of pretraining for the tiny base (only with an empty base_model)",
+        chapters=("02",),
+        check=_at_least(1),
+    )
+    pretrain_corpus: str = setting(
+        "generic",
+        "its text: generic (prose only) or knowledge (the sources' knowledge, not their formats)",
+        chapters=("02",),
+        check=_one_of(CORPORA),
+    )
+    # --- fine-tuning (chapter 02; DMix in 05 and the swap in 06 train the same way) ---------
+    # Chosen with benchmarks/probe_regime.py on a base pretrained like dem:tiny-knowledge
+    # (validation, 100 examples per source): lr 2e-4 x 200 steps x batch 16 moved the weights
+    # by 4-6% (|v|/|θ0|) and taught every source; lr 1e-4 x batch 32: 3-4% at twice the cost;
+    # lr 3e-4: 6-8% with more interference in the pair sums. The scratch contrast's 1e-3: 23-32%.
+    finetune_steps: int = setting(
+        200,
+        "optimizer steps per source (times batch 16: 3.2k examples)",
+        chapters=TRAINING,
+        check=_at_least(1),
+    )
+    source_steps: dict[str, int] = setting(
+        {},
+        "steps for particular sources, overriding finetune_steps, as in {arithmetic: 600}",
+        chapters=TRAINING,
+    )
+    batch_size: int = setting(
+        16,
+        "examples per optimizer step (chapter 01 measures padding at this size)",
+        chapters=("01", *TRAINING),
+        check=_at_least(1),
+    )
+    learning_rate: float = setting(
+        2e-4,
+        "peak AdamW learning rate (warmup, then cosine decay)",
+        chapters=TRAINING,
+        check=_at_least(0, above=True),
+    )
+    warmup_steps: int = setting(20, "linear warmup steps", chapters=TRAINING, check=_at_least(0))
+    grad_accum: int = setting(
+        1, "gradient accumulation steps", chapters=TRAINING, check=_at_least(1)
+    )
+    eval_every: int = setting(
+        100,
+        "validation loss (logged only, no weight changes) and a checkpoint every N steps",
+        chapters=TRAINING,
+        check=_at_least(1),
+    )
+    lora_r: int = setting(
+        0,
+        "LoRA rank through peft, adapters merged before saving; 0 means full fine-tuning",
+        chapters=TRAINING,
+        check=_at_least(0),
+    )
+    # --- evaluation -----------------------------------------------------------------------
+    eval_max_examples: int = setting(
+        100,
+        "test examples scored per source (0: all); 100 gives ±5 points of binomial noise",
+        chapters=("02", "04", "05", "06"),
+        check=_at_least(0),
+    )
+    eval_batch_size: int = setting(
+        64,
+        "sequences per evaluation batch",
+        chapters=("02", "03", "04", "05", "06"),
+        check=_at_least(1),
+    )
+    # --- distribution vectors (chapter 03) --------------------------------------------------
+    path_points: list[float] = setting(
+        [0.0, 0.25, 0.5, 0.75, 1.0],
+        "points t on each straight path (empty: skip section 5)",
+        chapters=("03",),
+    )
+    path_max_examples: int = setting(
+        50,
+        "validation examples per source scored at each point (0: all)",
+        chapters=("03",),
+        check=_at_least(0),
+    )
+    # --- the weight search (chapter 04; 06 searches again after the swap) ------------------
+    search_strategy: str = setting(
+        "grid",
+        "grid (the paper's), random or coordinate; the gradient search runs beside it "
+        "(chapter 04, section 5)",
+        chapters=("04", "06"),
+        check=_one_of(_strategies),
+    )
+    search_values: list[float] = setting(
+        [0.0, 0.5, 1.0],
+        "candidate values of each w_i (grid, coordinate): the paper's grid, 3^4: 81 "
+        "candidates, each scored in memory",
+        chapters=("04", "06"),
+    )
+    search_trials: int = setting(
+        32, "candidates drawn by the random strategy", chapters=("04", "06"), check=_at_least(1)
+    )
+    select_metric: str = setting(
+        "accuracy",
+        "the one validation metric that chooses DEM's weights, every λ and the DMix ratio",
+        chapters=("04", "05", "06"),
+        check=_one_of(SELECT_METRICS),
+    )
+    search_max_examples: int = setting(
+        50,
+        "validation examples per source scoring each candidate (0: all); the next 50 are the "
+        "gradient search's fit set",
+        chapters=("04", "06"),
+        check=_at_least(0),
+    )
+    gradient_steps: int = setting(
+        50,
+        "Adam steps of the gradient weight searches (section 5)",
+        chapters=("04",),
+        check=_at_least(1),
+    )
+    # 8, 5 and 0.05: on the default the selection loss crosses the grid's best by step 3-5
+    # and falls fastest in the first 10 steps (benchmarks/bench_weight_search.py).
+    gradient_minibatch: int = setting(
+        8,
+        "fit examples per source in each step's forward and backward pass",
+        chapters=("04",),
+        check=_at_least(1),
+    )
+    gradient_select_every: int = setting(
+        5,
+        "the descent's point is scored every this many steps (and its start and end)",
+        chapters=("04",),
+        check=_at_least(1),
+    )
+    gradient_lr: float = setting(
+        0.05,
+        "their step size; weights stay in [0, 1.5]",
+        chapters=("04",),
+        check=_at_least(0, above=True),
+    )
+    # --- the merging baselines (chapter 04) -----------------------------------------------
+    lambdas: list[float] = setting(
+        [0.25, 0.5, 0.75, 1.0],
+        "λ values searched on validation for every baseline with a λ (section 4)",
+        chapters=("04",),
+    )
+    ties_density: float = setting(
+        0.2,
+        "fraction of each vector's entries TIES keeps (by magnitude)",
+        chapters=("04",),
+        check=_fraction(open_high=False),
+    )
+    dare_drop_prob: float = setting(
+        0.5,
+        "probability DARE drops each entry (survivors rescaled by 1/(1-p))",
+        chapters=("04",),
+        check=_fraction(open_high=True),
+    )
+    more_merges: list[str] = setting(
+        ["breadcrumbs", "della", "model_stock"],
+        "further baselines of `dem merge`, each at its defaults (section 4)",
+        chapters=("04",),
+        check=_one_of(_merge_methods),
+    )
+    landscape: list[str] = setting(
+        ["word_edit", "facts"],
+        "two sources whose weights span the landscape heatmap (empty: skip it)",
+        chapters=("04",),
+    )
+    landscape_values: list[float] = setting(
+        [0.0, 0.5, 1.0],
+        "values of each of those two weights (the grid's: the landscape costs no new evaluation)",
+        chapters=("04",),
+    )
+    # --- data mixing (chapter 05) ---------------------------------------------------------
+    dmix_steps: int = setting(
+        0,
+        "steps per DMix run; 0 means the steps of all fine-tunes together, the budget of DEM",
+        chapters=("05",),
+        check=_at_least(0),
+    )
+    dmix_grid: list[list[float]] = setting(
+        [[1, 1, 1, 1], [2, 1, 1, 1], [1, 2, 1, 1]],
+        "mixture ratios, one list per run, in `sources` order; the first is uniform; each "
+        "run has DEM's total budget",
+        chapters=("05",),
+    )
+    # --- the swap experiment (chapter 06) -------------------------------------------------
+    swap_out: str = setting(
+        "facts",
+        "the source replaced in the swap experiment (empty: skip the experiment)",
+        chapters=("06",),
+    )
+    swap_in: str = setting("compare", "the source that replaces it", chapters=("06",))
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            problem = _problem(f, getattr(self, f.name))
+            if problem:
+                raise DemError(f"{f.name}: expected {problem}, got {getattr(self, f.name)!r}")
+
+    @classmethod
+    def names(cls, chapter: str | None = None) -> list[str]:
+        """The settings, in declaration order; those ``chapter`` (``"04"``) declares."""
+        return [f.name for f in fields(cls) if chapter is None or chapter in f.metadata["chapters"]]
+
+    def to_dict(self, chapter: str | None = None) -> dict[str, Any]:
+        return {name: _copy(getattr(self, name)) for name in self.names(chapter)}
+
+    def changes(self) -> dict[str, Any]:
+        """The settings that differ from the defaults (what a parameter file would list)."""
+        default = RunConfig()
+        return {n: v for n, v in self.to_dict().items() if v != getattr(default, n)}
+
+
+# Only run_dir is set by `dem run` itself: a parameter file must not set it.
+RESERVED = ("run_dir",)
+
+
+def _types() -> dict[str, Any]:
+    return typing.get_type_hints(RunConfig)
+
+
+def _conforms(value: Any, kind: Any) -> bool:
+    """Whether ``value`` (as YAML or a notebook gives it) has the declared type ``kind``.
+
+    Hand-written because the types here are few and plain, and a validation library would be a
+    dependency for twenty lines; ints are accepted where floats are expected (YAML's ``1``).
+    """
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind in (str, bool, dict, list):
+        return isinstance(value, kind)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return any(_conforms(value, a) for a in args)
+    if origin is list:
+        return isinstance(value, list) and all(_conforms(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(
+            _conforms(k, args[0]) and _conforms(v, args[1]) for k, v in value.items()
+        )
+    raise TypeError(f"RunConfig declares a type _conforms does not know: {kind}")
+
+
+def _type_name(kind: Any) -> str:
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is list:
+        return f"a list of {_type_name(args[0])}"
+    if origin is dict:
+        return f"a mapping of {_type_name(args[0])} to {_type_name(args[1])}"
+    if args:
+        return " or ".join(_type_name(a) for a in args)
+    return {
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        bool: "true or false",
+        dict: "a mapping",
+    }.get(kind, kind.__name__)
+
+
+def _problem(f, value: Any) -> str | None:
+    """What ``value`` should have been for field ``f``, or None when it is acceptable."""
+    kind = _types()[f.name]
+    if not _conforms(value, kind):
+        return _type_name(kind)
+    check = f.metadata["check"]
+    return check(value) if check else None
+
+
+def _coerced(config: RunConfig) -> RunConfig:
+    """Floats where floats are declared (YAML reads ``1`` as an int)."""
+    types = _types()
+    changes = {
+        n: float(v) for n, v in config.to_dict().items() if types[n] is float and isinstance(v, int)
+    }
+    return config if not changes else RunConfig(**{**config.to_dict(), **changes})
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def make_config(values: Mapping[str, Any], where: str = "parameters") -> RunConfig:
+    """A validated :class:`RunConfig` from ``values`` (the defaults for the rest).
+
+    Refuses, in one line naming ``where`` and the key: an unknown key (with the closest known
+    one), a value of the wrong type or outside its choices or range.
+    """
+    known = RunConfig.names()
+    for key, value in values.items():
+        if key not in known:
+            import difflib
+
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else " (`dem config` lists them)"
+            raise DemError(f"{where}: unknown setting {key!r}{hint}")
+        f = next(f for f in fields(RunConfig) if f.name == key)
+        problem = _problem(f, value)
+        if problem:
+            hint = ""
+            if isinstance(value, str) and _is_number(value):
+                hint = " (YAML reads 1e-3 as text: write 1.0e-3)"
+            raise DemError(f"{where}: {key} must be {problem}, got {value!r}{hint}")
+    return _coerced(RunConfig(**values))
+
+
+def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> RunConfig:
+    """The settings a parameter file gives (each key a change to the defaults), then
+    ``overrides`` (``dem run --set``, ``--seed``), validated before anything runs."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise DemError(f"parameter file {path}: cannot be read ({err.strerror})") from None
+    try:
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        first = str(err).splitlines()[0]
+        raise DemError(f"parameter file {path}: not valid YAML ({first})") from None
+    values = {} if values is None else values
+    if not isinstance(values, dict):
+        raise DemError(
+            f"parameter file {path}: expected a mapping of setting: value, "
+            f"got {type(values).__name__}"
+        )
+    reserved = [k for k in RESERVED if k in values]
+    if reserved:
+        raise DemError(f"parameter file {path}: {reserved[0]} is set by dem run itself (use --out)")
+    config = make_config(values, where=f"parameter file {path}")
+    if not overrides:
+        return config
+    return make_config({**config.changes(), **overrides}, where="--set")
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` of ``dem run --set`` (VALUE read as YAML: ``[0, 1]``, ``2e-4``, ``''``)."""
+    import yaml
+
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise DemError(f"--set {text!r}: expected KEY=VALUE")
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise DemError(f"--set {text!r}: the value is not valid YAML") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# The chapters' parameters cells, written from the declaration
+# ------------------------------------------------------------------------------------------------
+
+
+def _literal(value: Any) -> str:
+    """A Python literal as ruff would format it (double quotes)."""
+    import json
+
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, bool) or value is None:
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_literal(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_literal(k)}: {_literal(v)}" for k, v in value.items()) + "}"
+    return repr(value)
+
+
+def _cell_type(kind: Any) -> str:
+    """The annotation papermill reads: the plain builtin (``list`` for ``list[str]``)."""
+    return (typing.get_origin(kind) or kind).__name__
+
+
+def parameters_cell(chapter: str) -> str:
+    """The source of chapter ``chapter``'s papermill parameters cell."""
+    default, types = RunConfig(), _types()
+    lines = []
+    for f in fields(RunConfig):
+        if chapter in f.metadata["chapters"]:
+            value = _literal(getattr(default, f.name))
+            lines.append(f"{f.name}: {_cell_type(types[f.name])} = {value}  # {f.metadata['help']}")
+    return "\n".join(lines)
+
+
+def chapter_of(notebook: Path) -> str:
+    return notebook.name[:2]
+
+
+def sync_notebooks(folder: Path, *, check: bool = False) -> list[Path]:
+    """Write each chapter's parameters cell from the declaration; the notebooks changed (or,
+    with ``check``, that would change)."""
+    import nbformat
+
+    changed = []
+    for path in sorted(folder.glob("[0-9][0-9]_*.ipynb")):
+        chapter = chapter_of(path)
+        if chapter not in ALL:
+            continue
+        nb = nbformat.read(path, as_version=4)
+        cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+        wanted = parameters_cell(chapter)
+        if cell.source != wanted:
+            changed.append(path)
+            if not check:
+                cell.source = wanted
+                nbformat.write(nb, path)
+    return changed
+
+
+def describe() -> str:
+    """Every setting with its default, the chapters that read it and its why (``dem config``)."""
+    default, rows = RunConfig(), []
+    for f in fields(RunConfig):
+        rows.append(
+            f"{f.name} = {_literal(getattr(default, f.name))}\n"
+            f"    {f.metadata['help']} [chapters {', '.join(f.metadata['chapters'])}]"
+        )
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    from dem import resources
+
+    stale = sync_notebooks(resources.NOTEBOOKS, check="--check" in sys.argv)
+    for path in stale:
+        print(f"{'stale' if '--check' in sys.argv else 'written'}: {path}")
+    raise SystemExit(1 if stale and "--check" in sys.argv else 0)
