@@ -7,22 +7,14 @@ added, which is why a weighted sum can keep every source's skill.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 
 import pandas as pd
 import torch
 
+from dem.gradient import block_rank, tensor_blocks
+
 Vector = Mapping[str, torch.Tensor]
-_LAYER = re.compile(r"\.layers\.(\d+)\.")
-
-
-def layer_of(name: str) -> str:
-    """Group a tensor name by transformer block: ``layer 3``, or ``embeddings`` / ``other``."""
-    match = _LAYER.search(name)
-    if match:
-        return f"layer {int(match.group(1)):02d}"
-    return "embeddings" if "embed" in name or "lm_head" in name else "other"
 
 
 def _floating(vector: Vector) -> dict[str, torch.Tensor]:
@@ -31,14 +23,17 @@ def _floating(vector: Vector) -> dict[str, torch.Tensor]:
 
 def layer_norms(vectors: Mapping[str, Vector]) -> pd.DataFrame:
     """L2 norm of each source's vector per layer group (tidy: source, layer, norm)."""
+    # The blocks of the per-layer weight search (dem.gradient.tensor_blocks), so the norms
+    # and the per-layer weights of chapter 04 speak of the same blocks.
     rows = []
     for source, vector in vectors.items():
+        floating = _floating(vector)
         squares: dict[str, float] = {}
-        for name, tensor in _floating(vector).items():
-            group = layer_of(name)
-            squares[group] = squares.get(group, 0.0) + float(tensor.double().pow(2).sum())
-        rows += [{"source": source, "layer": g, "norm": s**0.5} for g, s in squares.items()]
-    return pd.DataFrame(rows).sort_values(["source", "layer"], ignore_index=True)
+        for name, block in tensor_blocks(floating).items():
+            squares[block] = squares.get(block, 0.0) + float(floating[name].double().pow(2).sum())
+        ordered = sorted(squares, key=block_rank)
+        rows += [{"source": source, "layer": b, "norm": squares[b] ** 0.5} for b in ordered]
+    return pd.DataFrame(rows)
 
 
 def _pairwise(vectors: Mapping[str, Vector]) -> dict[str, torch.Tensor]:

@@ -8,6 +8,7 @@ path and a reader can see here who writes what::
       manifest.json          dem run: parameters, provenance, one record per step
       chapters/NN.json       NN: the chapter finished, with the settings it ran with
       metrics.json           06: test scores, averages and costs per method, the swap experiment
+      report/                dem run: the executed chapters as Markdown (dem publish)
       notebooks/NN_*.ipynb   dem run: the executed chapters
       models/base            02: θ0 (the tiny pretrained base or the named model)
       models/ft/<source>     02 (and 06's swap): one fine-tune per source
@@ -97,6 +98,10 @@ class RunLayout:
     @property
     def notebooks(self) -> Path:
         return self.root / "notebooks"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report"
 
     def chapter_record(self, chapter: str) -> Path:
         """Written when chapter ``chapter`` (``"02"``) finishes; later chapters check it."""

@@ -122,6 +122,21 @@ def metrics_table(metrics: Mapping) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("method")
 
 
+def summary_text(metrics: Mapping) -> str:
+    """The result table as plain text for a terminal: per method the mean test score, each
+    source's, the composite set and the training tokens; best average first."""
+    table = metrics_table(metrics)
+    columns = ["average", *metrics["sources"], "composite", "train_tokens"]
+    table = table[columns].sort_values("average", ascending=False, kind="stable")
+    metric = metrics.get("metric", "accuracy")
+    text = table.to_string(
+        float_format=lambda x: f"{x:.3f}",
+        formatters={"train_tokens": lambda x: f"{x:,.0f}"},
+        na_rep="-",
+    )
+    return f"test {metric}, mean over {len(metrics['sources'])} sources (best first):\n{text}"
+
+
 @dataclass
 class ChapterResults:
     """What chapters 02, 04 and 05 measured, read back from the run folder."""

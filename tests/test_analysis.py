@@ -3,7 +3,8 @@
 import pandas as pd
 import torch
 
-from dem.analysis import cosine_similarity, layer_norms, layer_of, sign_agreement
+from dem.analysis import cosine_similarity, layer_norms, sign_agreement
+from dem.gradient import block_rank, tensor_blocks
 
 
 def _vectors():
@@ -39,5 +40,8 @@ def test_layer_norms_group_by_block():
     vectors = _vectors()
     norms = layer_norms(vectors).set_index(["source", "layer"])["norm"]
     expected = vectors["b"]["model.layers.1.mlp.weight"].double().norm()
-    assert abs(norms[("b", "layer 01")] - float(expected)) < 1e-9
-    assert layer_of("lm_head.weight") == "embeddings" and layer_of("model.norm.weight") == "other"
+    assert abs(norms[("b", "layer1")] - float(expected)) < 1e-9
+    # the blocks of chapter 04's per-layer weights, in the model's order
+    assert list(layer_norms(vectors).query("source == 'b'").layer) == sorted(
+        set(tensor_blocks([n for n in vectors["b"] if n != "step"]).values()), key=block_rank
+    )

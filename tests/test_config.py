@@ -160,4 +160,13 @@ def test_every_chapter_runs_as_is_with_no_parameters_like_dem_run(tmp_path):
     done = subprocess.run([sys.executable, "-m", "dem", "run", "--quiet", "--out",
                            str(tmp_path / "dem-run")], capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads((tmp_path / "dem-run" / "metrics.json").read_text()) == by_hand
+    assert _scores(json.loads((tmp_path / "dem-run" / "metrics.json").read_text())) == _scores(
+        by_hand
+    )
+
+
+def _scores(metrics):
+    """metrics.json without its wall times (seconds differ between any two runs)."""
+    if isinstance(metrics, dict):
+        return {k: _scores(v) for k, v in metrics.items() if k != "wall_s"}
+    return metrics

@@ -131,5 +131,21 @@ def _run(args: argparse.Namespace) -> int:
         args.params, args.out, force=args.force, overrides=_overrides(args), only=args.only,
         start=args.start, quiet=args.quiet,
     )  # fmt: skip
-    print(f"run finished: {run_dir} (open it with: jupyter lab {run_dir})")
+    _report(run_dir, quiet=args.quiet)
     return 0
+
+
+def _report(run_dir, *, quiet: bool) -> None:
+    """The result table in the terminal and the chapters as Markdown in ``run_dir/report``."""
+    import json
+
+    from dem.layout import RunLayout
+    from dem.publish import publish
+    from dem.results import summary_text
+
+    layout = RunLayout(run_dir)
+    if layout.metrics.is_file():  # absent when --only stopped before chapter 06
+        print(summary_text(json.loads(layout.metrics.read_text())))
+        report = publish(run_dir, layout.report, overwrite=True)
+        print(f"report: {report}/README.md")
+    print(f"run finished: {run_dir} (open it with: jupyter lab {run_dir})")
