@@ -28,6 +28,7 @@ from dem.evaluate import evaluate
 from dem.safetensors_io import WeightFolder
 from dem.search import MINIMIZE, InMemoryMerge, best_weights, search_weights, validation_scorer
 from dem.training.finetune import finetune
+from dem.training.schedule import normalize_mixture
 from dem.training.settings import FinetuneSettings
 
 if TYPE_CHECKING:
@@ -107,15 +108,16 @@ def gradient_search(
     max_examples: int | None = None,
     minimize: bool = True,
     max_length: int = 512,
+    start: float | None = None,
 ) -> pd.DataFrame:
     """DEM's weights by gradient descent on the validation loss, chosen among the descent's
     points by ``score`` (the search metric every method is selected by).
 
     One weight per source, or per source and block of layers (``granularity="layer"``), kept in
-    [0, ``high``]. Each step's loss and derivative come from one ``minibatch`` of fit examples
-    per source (cycled in order, so the run is deterministic), from :func:`fit_examples`. The
-    table is :func:`dem.search.search_weights`'s; ``attrs`` holds the descent's path and the
-    fit/selection split.
+    [0, ``high``], from ``start`` (default 1/K). Each step's loss and derivative come from one
+    ``minibatch`` of fit examples per source (cycled in order, so the run is deterministic),
+    from :func:`fit_examples`. The table is :func:`dem.search.search_weights`'s; ``attrs``
+    holds the descent's path and the fit/selection split.
     """
     from dem.gradient import fit_batches
 
@@ -128,10 +130,29 @@ def gradient_search(
 
     trials = search_weights(score, merger.weight_names(granularity), "gradient", gradient=one_batch,
                             steps=steps, lr=lr, low=0.0, high=high, select_every=select_every,
-                            minimize=minimize)  # fmt: skip
+                            start=start, minimize=minimize)  # fmt: skip
     trials.attrs.update(granularity=granularity, fit_examples=sum(map(len, fit.values())),
                         fit_overlaps_selection=overlap)  # fmt: skip
     return trials
+
+
+# AdaMerging (Yang et al., ICLR 2024) as FusionBench runs it on LLMs: one coefficient per source
+# and layer, trained by Adam on cross-entropy of labelled examples, clamped to [0, 1], from the
+# paper's init 0.3 (FusionBench's LLM recipe: 0.5, lr 1e-4, 1000 steps).
+ADAMERGING_START = 0.3
+
+
+def adamerging_search(
+    merger: InMemoryMerge, tokenizer, sources: Sequence, score, *, steps: int, lr: float, **options
+) -> pd.DataFrame:
+    """DEM's per-layer weights trained as AdaMerging trains them: ``steps`` Adam steps of size
+    ``lr`` on the fit examples' loss (:func:`gradient_search` with ``granularity="layer"``),
+    from every weight at :data:`ADAMERGING_START`, inside [0, 1]. Its point is scored on the
+    selection examples every tenth of the run (and at its start and end) and chosen by ``score``
+    with the individuals, like every candidate of every search."""
+    return gradient_search(merger, tokenizer, sources, score, granularity="layer", steps=steps,
+                           lr=lr, high=1.0, start=ADAMERGING_START,
+                           select_every=max(1, steps // 10), **options)  # fmt: skip
 
 
 def compare_searches(searches: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
@@ -147,14 +168,12 @@ def compare_searches(searches: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("search")
 
 
-def beyond_grid_record(
-    gradient_trials: Mapping[str, pd.DataFrame], mde_trials: pd.DataFrame
-) -> dict:
+def beyond_grid_record(searches: Mapping[str, pd.DataFrame], mde_trials: pd.DataFrame) -> dict:
     """The ``searches`` entry of chapter 04's settings: each search's cost, chosen weights and,
     for the ensemble, its forward passes per token (one per member with a weight)."""
     record = {label: {**search_cost(t), "weights": best_weights(t),
-                      "fit_overlaps_selection": t.attrs["fit_overlaps_selection"]}
-              for label, t in gradient_trials.items()}  # fmt: skip
+                      "fit_overlaps_selection": t.attrs.get("fit_overlaps_selection")}
+              for label, t in searches.items()}  # fmt: skip
     w_mde = best_weights(mde_trials)
     record["mde"] = {**search_cost(mde_trials), "weights": w_mde,
                      "forward_passes": sum(x > 0 for x in w_mde.values())}  # fmt: skip
@@ -174,6 +193,16 @@ def choose_mixture(validation: pd.DataFrame, metric: str) -> tuple[pd.Series, st
     scores = validation.groupby("model", sort=False)["value"].mean()
     best = scores.idxmin() if MINIMIZE[metric] else scores.idxmax()
     return scores, best
+
+
+def dem_guided_mixture(dem_weights: Mapping[str, float]) -> dict[str, float] | None:
+    """The mixture ratio DEM's chosen weights imply: w_i / Σ_j w_j per source (merges of
+    per-source fine-tunes predict good ratios: Merge to Mix, 2025). None when every weight is 0
+    (DEM chose the base): there is no mixture to train. A negative weight is an error."""
+    if not any(dem_weights.values()):
+        return None
+    kept = normalize_mixture(dem_weights)
+    return {name: kept.get(name, 0.0) for name in dem_weights}
 
 
 # --- chapter 06: swap one source -----------------------------------------------------------------

@@ -44,12 +44,16 @@ TABLES = {
     "04_dem_gradient_path": ".csv",  # 04: its steps: minibatch loss and weights
     "04_dem_layer_trials": ".csv",  # 04: the same with one weight per source and block of layers
     "04_dem_layer_path": ".csv",
+    "04_dem_adamerging_trials": ".csv",  # 04: per-layer weights trained as AdaMerging does
+    "04_dem_adamerging_path": ".csv",
+    "04_dem_tpe_trials": ".csv",  # 04: Optuna's TPE sampler, as many candidates as the grid
     "04_mde_trials": ".csv",  # 04: the output ensemble's weight search
     "04_merge_test": ".csv",  # 04 -> 06: test scores of DEM and the merging baselines
     "04_merge_settings": ".json",  # 04 -> 06: searched weights, λs, the search's cost
     "05_dmix_costs": ".csv",  # 05 -> 06: cost record of each DMix run
     "05_dmix_test": ".csv",  # 05 -> 06: test scores of each DMix run
     "05_dmix_best": ".txt",  # 05 -> 06: the label of the ratio chosen on validation
+    "05_dmix_dem_guided_cost": ".csv",  # 05 -> 06: cost of the DMix run at DEM's weights
     "06_results": ".csv",  # 06: metrics.json as a table
     "06_claims": ".csv",  # 06: the paper's claims, checked on this run
     "06_swap_cost": ".csv",  # 06: what replacing one source costs each recipe

@@ -27,8 +27,9 @@ MERGE_BASELINES = (
     "model_stock",
 )
 # chapter 04's searches beyond the grid, each with its own cost: DEM's weights by gradient, one
-# weight per source and block of layers, and the output ensemble of the fine-tunes (MDE)
-BEYOND_GRID = ("dem_gradient", "dem_layer", "mde")
+# weight per source and block of layers (50 steps; and AdaMerging's hundreds), Optuna's TPE
+# sampler, and the output ensemble of the fine-tunes (MDE)
+BEYOND_GRID = ("dem_gradient", "dem_layer", "dem_adamerging", "dem_tpe", "mde")
 
 
 def write_table(table: pd.DataFrame, path: str | Path, **to_csv) -> Path:
@@ -149,6 +150,7 @@ class ChapterResults:
     relative_norms: pd.DataFrame  # 03: ‖v_i‖ / ‖θ0‖ per source
     barriers: pd.DataFrame | None  # 03: loss barrier between each pair of fine-tunes (if run)
     merge_gaps: pd.DataFrame | None  # 03: best loss between two fine-tunes minus the experts'
+    dmix_guided: pd.DataFrame | None = None  # 05: the DMix run at DEM's weights (if it ran)
 
     @classmethod
     def load(cls, layout: RunLayout) -> ChapterResults:
@@ -163,6 +165,7 @@ class ChapterResults:
             relative_norms=pd.read_csv(layout.table("03_relative_norms")),
             barriers=_optional_table(layout, "03_barriers"),
             merge_gaps=_optional_table(layout, "03_merge_gaps"),
+            dmix_guided=_optional_table(layout, "05_dmix_dem_guided_cost", index_col=0),
         )
 
     @property
@@ -190,10 +193,11 @@ class ChapterResults:
         return {"dmix_uniform": self.dmix_uniform, "dmix_best": self.dmix_best}.get(method, method)
 
 
-def _optional_table(layout: RunLayout, name: str) -> pd.DataFrame | None:
-    # Chapter 03 skips the path measurements when path_points is empty.
+def _optional_table(layout: RunLayout, name: str, **read_csv) -> pd.DataFrame | None:
+    # Chapter 03 skips the path measurements when path_points is empty; chapter 05 the guided
+    # DMix run when DEM chose the base.
     path = layout.table(name)
-    return pd.read_csv(path) if path.exists() else None
+    return pd.read_csv(path, **read_csv) if path.exists() else None
 
 
 def _by_pair(table: pd.DataFrame | None, column: str) -> dict | None:
@@ -207,8 +211,9 @@ def method_costs(results: ChapterResults, names: Sequence[str]) -> dict[str, tup
 
     DEM pays the K fine-tunes plus its weight search (each search beyond the grid its own);
     the merging baselines the K fine-tunes; the best DMix **all** runs of its ratio search
-    (that is what finding the ratio took); the uniform DMix its one run. The output ensemble
-    also pays at inference: one forward pass per member it uses.
+    (that is what finding the ratio took); the uniform DMix its one run; the DEM-guided DMix
+    DEM's fine-tunes and grid search (they gave its ratio) plus its one run. The output
+    ensemble also pays at inference: one forward pass per member it uses.
     """
     ft, dmix = results.ft_costs, results.dmix_costs
     dem_tokens, dem_wall = results.finetunes_cost
@@ -227,7 +232,17 @@ def method_costs(results: ChapterResults, names: Sequence[str]) -> dict[str, tup
         },  # fmt: skip
         "dmix_uniform": (dmix.train_tokens[uniform], dmix.wall_s[uniform]),
         "dmix_best": (search_tokens, search_wall),
+        **_guided_cost(results),
     }
+
+
+def _guided_cost(results: ChapterResults) -> dict[str, tuple]:
+    guided = results.dmix_guided
+    if guided is None:
+        return {}
+    tokens, wall = results.finetunes_cost
+    wall += results.merge_settings["search"]["wall_s"]
+    return {"dmix_dem_guided": (tokens + guided.train_tokens.sum(), wall + guided.wall_s.sum())}
 
 
 def build_metrics(results: ChapterResults, names: Sequence[str], composite: str = "") -> dict:

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from dem import baselines, experiments
+from dem import DemError, baselines, experiments
 from dem.data import build_tiny_tokenizer
 from dem.models import build_tiny_model, load_model, save_model
 from dem.search import InMemoryMerge
@@ -243,3 +243,11 @@ def test_a_scorer_remembers_each_candidate_with_its_options(monkeypatch):
         assert score({"a": 1.0}, lam=lam)["objective"] == 0.5
     assert calls == [("ties", {"a": 1.0}, {"density": 0.2, "lam": 0.5}),
                      ("ties", {"a": 1.0}, {"density": 0.2, "lam": 1.0})]  # fmt: skip
+
+
+def test_dem_guided_mixture_is_the_normalized_dem_weights():
+    w = {"a": 1.0, "b": 0.5, "c": 0.0, "d": 0.5}
+    assert experiments.dem_guided_mixture(w) == {"a": 0.5, "b": 0.25, "c": 0.0, "d": 0.25}
+    assert experiments.dem_guided_mixture({"a": 0.0, "b": 0.0}) is None  # DEM chose the base
+    with pytest.raises(DemError, match="must be a finite number >= 0"):
+        experiments.dem_guided_mixture({"a": -0.5, "b": 1.0})

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from dem import DemError
+from dem import DemError, experiments
 from dem.data import IGNORE_INDEX, build_tiny_tokenizer
 from dem.evaluate import response_loss
 from dem.gradient import fit_batches, tensor_blocks
@@ -178,3 +178,44 @@ def test_a_scorer_answers_a_candidate_it_has_seen_from_memory(monkeypatch):
     assert len(calls) == 2 and first["eval_s"] > 0
     assert again["objective"] == first["objective"] and again["eval_s"] == again["merge_s"] == 0
     assert other["objective"] != first["objective"]
+
+
+def test_adamerging_fits_on_its_own_examples_and_selects_on_the_selection_examples(monkeypatch):
+    import dem.evaluate
+    import dem.gradient
+
+    tokenizer = build_tiny_tokenizer()
+    merger = _merger(vocab=len(tokenizer), dtype=torch.float32)
+    sources = [get_source(n, n_validation=12) for n in ("arithmetic", "word_edit")]
+    scored, fitted = [], []
+    evaluate, fit_batches = dem.evaluate.evaluate, dem.gradient.fit_batches
+
+    def scoring(model, tok, srcs, split, **options):
+        scored.append((split, options["max_examples"]))
+        return evaluate(model, tok, srcs, split, **options)
+
+    def fitting(tok, srcs, examples, **options):
+        fitted.append(examples)
+        return fit_batches(tok, srcs, examples, **options)
+
+    monkeypatch.setattr(dem.evaluate, "evaluate", scoring)
+    monkeypatch.setattr(dem.gradient, "fit_batches", fitting)
+    score = validation_scorer(merger, tokenizer, sources, metric="loss", max_examples=4)
+    trials = experiments.adamerging_search(merger, tokenizer, sources, score, steps=20, lr=0.05,
+                                           minibatch=2, max_examples=4, max_length=64)  # fmt: skip
+    # fit on validation examples 4-7, score every candidate on examples 0-3 only
+    assert fitted == [{s.name: s.examples("validation")[4:8] for s in sources}]
+    assert set(scored) == {("validation", 4)} and not trials.attrs["fit_overlaps_selection"]
+    path, names = trials.attrs["gradient_path"], merger.weight_names("layer")
+    assert len(path) == 20 and (path[[f"w_{n}" for n in names]].iloc[0] == 0.3).all()
+    assert path[[f"w_{n}" for n in names]].stack().between(0.0, 1.0).all()
+    assert not path[[f"w_{n}" for n in names]].iloc[-1].eq(0.3).all(), "the weights never moved"
+    # scored: the start, every second step (a tenth of 20), the 2 individuals
+    assert len(trials) == 1 + 10 + 2 and trials.attrs["granularity"] == "layer"
+    best = {n: trials[f"w_{n}"].iloc[0] for n in names}
+    merger.apply(best)
+    selection = [
+        response_loss(merger.model, tokenizer, s.examples("validation")[:4]) for s in sources
+    ]
+    assert trials["objective"].iloc[0] == pytest.approx(sum(selection) / 2, rel=1e-5)
+    assert trials["objective"].iloc[0] == trials["objective"].min()

@@ -95,16 +95,18 @@ def test_costs_charge_dem_its_finetunes_and_search_and_dmix_its_whole_ratio_sear
 def test_searches_beyond_the_grid_pay_their_own_search_and_the_ensemble_its_inference(layout):
     tidy = pd.read_csv(layout.table("04_merge_test"))
     extra = tidy[tidy.model == "dem"].assign(model="mde")
-    write_table(pd.concat([tidy, extra.assign(model="dem_gradient"), extra]),
-                layout.table("04_merge_test"), index=False)  # fmt: skip
+    searched = [extra.assign(model=m) for m in ("dem_gradient", "dem_adamerging", "dem_tpe")]
+    write_table(pd.concat([tidy, *searched, extra]), layout.table("04_merge_test"), index=False)
     write_json(layout.table("04_merge_settings"),
                {"dem_weights": {"a": 1.0, "b": 0.5}, "search": {"wall_s": 0.25},
-                "searches": {"dem_gradient": {"wall_s": 0.5},
+                "searches": {"dem_gradient": {"wall_s": 0.5}, "dem_adamerging": {"wall_s": 4.0},
+                             "dem_tpe": {"wall_s": 0.75},
                              "mde": {"wall_s": 2.0, "forward_passes": 2}}})  # fmt: skip
     chapters = ChapterResults.load(layout)
     costs = method_costs(chapters, NAMES)
     assert "dem_layer" not in costs  # not run: not reported
     assert costs["dem_gradient"] == (400, 3.5, 1)
+    assert costs["dem_adamerging"] == (400, 7.0, 1) and costs["dem_tpe"] == (400, 3.75, 1)
     assert costs["mde"] == (400, 5.0, 2)
     metrics = build_metrics(chapters, NAMES, "c")
     assert metrics["methods"]["mde"]["cost"] == {"train_tokens": 400, "wall_s": 5.0,
@@ -172,3 +174,19 @@ def test_write_table_replaces_atomically_and_leaves_no_temporary_file(tmp_path):
     write_table(pd.DataFrame({"x": [3]}), path, index=False)
     assert path.read_text() == "x\n3\n"
     assert [p.name for p in path.parent.iterdir()] == ["t.csv"]
+
+
+def test_dem_guided_dmix_pays_dems_finetunes_and_search_and_its_own_run(layout):
+    tidy = pd.read_csv(layout.table("05_dmix_test"))
+    guided = tidy[tidy.model == "dmix_2-1"].assign(model="dmix_dem_guided")
+    write_table(pd.concat([tidy, guided]), layout.table("05_dmix_test"), index=False)
+    assert "dmix_dem_guided" not in method_costs(ChapterResults.load(layout), NAMES)  # not run
+    cost = pd.DataFrame({"train_tokens": [400], "wall_s": [4.0]}, index=["dmix_dem_guided"])
+    write_table(cost, layout.table("05_dmix_dem_guided_cost"))
+    chapters = ChapterResults.load(layout)
+    # the fine-tunes (400 tokens, 3 s) and the grid search (0.25 s) gave its ratio; its run: 400, 4 s
+    assert method_costs(chapters, NAMES)["dmix_dem_guided"] == (800, 7.25)
+    assert chapters.dmix_uniform == "dmix_1-1"  # not a run of the ratio search
+    entry = build_metrics(chapters, NAMES, "c")["methods"]["dmix_dem_guided"]
+    assert entry["test"] == {"a": 0.8, "b": 0.6}
+    assert entry["cost"] == {"train_tokens": 800, "wall_s": 7.25, "forward_passes": 1}
