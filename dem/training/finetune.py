@@ -66,9 +66,8 @@ def finetune(
     """Fine-tune ``base`` on a mixture of sources (``{"arithmetic": 1.0}`` = one source).
 
     ``settings`` (default :class:`FinetuneSettings`) are updated by ``overrides``, its field
-    names (``steps=200, lr=2e-5``). Validation loss (response tokens of every mixture
-    source's validation split) every ``eval_every`` steps; a checkpoint every ``save_every``
-    steps, from which an interrupted run resumes to the same weights. ``source_kwargs`` go to
+    names (``steps=200, lr=2e-5``). Validation loss every ``eval_every`` steps; a checkpoint
+    every ``save_every`` steps, from which an interrupted run resumes to the same weights. ``source_kwargs`` go to
     every :func:`dem.sources.get_source`; ``custom_sources`` maps a mixture name to a
     ``get_source`` dict spec (your own data). ``overwrite`` discards whatever is in
     ``out_dir``; ``replace`` redoes a dem run there only if its parameters differ.
@@ -81,8 +80,7 @@ def finetune(
     Returns the cost record, also written to ``out_dir/cost.json``.
     """
     s = (settings or FinetuneSettings()).updated(**overrides)
-    lora = s.lora()
-    if lora:
+    if s.lora():
         require_peft()
     ratios = normalize_mixture(mixture)
     source_kwargs = dict(source_kwargs or {})
@@ -91,6 +89,30 @@ def finetune(
     sources = {name: get_source(custom_sources.get(name, name), **source_kwargs) for name in ratios}
     out = Path(out_dir)
     accelerator = accelerator_for(s.device)
+    params = _parameters(base, mixture, source_kwargs, custom_sources, s, accelerator)
+    work, cached = prepare_synced(accelerator, out, params, overwrite, replace)
+    if cached is not None:
+        return cached
+    record = training_record("finetune", params)
+    start_run(accelerator, work, record)
+    with transformers_bars(progress):
+        model, tokenizer = dem_models.load_model(base)
+    model = _prepare_model(model, base, s, accelerator, work)
+    encoded, val_batches, schedule = _data(tokenizer, sources, ratios, s, accelerator)
+    data = dict(schedule=schedule, encoded=encoded, val_batches=val_batches)
+    result = train_loop(model, tokenizer, work, settings=s, accelerator=accelerator,
+                        progress=progress, callback=callback, **data)  # fmt: skip
+    result["mixture"] = ratios
+    if s.lora():
+        _keep_adapter_and_merge(result, work)
+    with transformers_bars(progress):
+        result = complete(result, tokenizer, work, out, record)
+    accelerator.wait_for_everyone()
+    return result
+
+
+def _parameters(base, mixture, source_kwargs, custom_sources, s, accelerator) -> dict:
+    """What the run records and compares on resume: its inputs and settings."""
     params = {
         "base": str(base),
         "base_sha256": fingerprint(base),
@@ -101,15 +123,20 @@ def finetune(
         "processes": accelerator.num_processes,
     }
     # JSON round trip: what is compared on resume must be exactly what the record holds.
-    params = json.loads(json.dumps(params))
-    work, cached = prepare_synced(accelerator, out, params, overwrite, replace)
-    if cached is not None:
-        return cached
-    record = training_record("finetune", params)
-    start_run(accelerator, work, record)
+    return json.loads(json.dumps(params))
 
-    with transformers_bars(progress):
-        model, tokenizer = dem_models.load_model(base)
+
+def _keep_adapter_and_merge(result: dict, work: Path) -> None:
+    """Save the peft adapter beside the model, then merge it into the weights."""
+    if result["_main"]:
+        # The adapter as well as the merged model: `dem merge --model OUT/adapter` then forms
+        # v = s·B·A block by block, and peft users can load it as it is.
+        result["_model"].save_pretrained(work / ADAPTER_DIR)
+    result["_model"] = merge_lora(result["_model"])
+
+
+def _prepare_model(model: Any, base, s: FinetuneSettings, accelerator: Any, work: Path) -> Any:
+    """Activation recomputation where it is chosen, the length check, LoRA adapters."""
     checkpointing = use_gradient_checkpointing(s.gradient_checkpointing, accelerator.device)
     if checkpointing:
         # transformers 5 renamed it; the old name still works but warns.
@@ -120,14 +147,19 @@ def finetune(
                 f"max_length={s.max_length} exceeds the model's max_position_embeddings="
                 f"{model.config.max_position_embeddings}"
             )
-        if lora:
-            model = add_lora(model, base, lora, seed=s.seed, checkpointing=checkpointing)
+        if s.lora():
+            model = add_lora(model, base, s.lora(), seed=s.seed, checkpointing=checkpointing)
     except DemError:
         # Nothing trained yet: leave no unfinished run behind that a corrected rerun (other
         # parameters) would be refused by.
         if accelerator.is_main_process and not (work / CHECKPOINT).exists():
             shutil.rmtree(work, ignore_errors=True)
         raise
+    return model
+
+
+def _data(tokenizer, sources, ratios, s: FinetuneSettings, accelerator: Any) -> tuple:
+    """The encoded training examples, the validation batches and the order of the batches."""
     encoded = {
         name: encode_examples(tokenizer, src.examples("train"), s.max_length, name=f"{name} train")
         for name, src in sources.items()
@@ -144,29 +176,7 @@ def finetune(
         batch_size=s.batch_size,
         seed=s.seed,
     )
-    result = train_loop(
-        model,
-        tokenizer,
-        work,
-        settings=s,
-        schedule=schedule,
-        encoded=encoded,
-        val_batches=val_batches,
-        accelerator=accelerator,
-        progress=progress,
-        callback=callback,
-    )
-    result["mixture"] = ratios
-    if lora:
-        if result["_main"]:
-            # The adapter as well as the merged model: `dem merge --model OUT/adapter` then forms
-            # v = s·B·A block by block, and peft users can load it as it is.
-            result["_model"].save_pretrained(work / ADAPTER_DIR)
-        result["_model"] = merge_lora(result["_model"])
-    with transformers_bars(progress):
-        result = complete(result, tokenizer, work, out, record)
-    accelerator.wait_for_everyone()
-    return result
+    return encoded, val_batches, schedule
 
 
 def _validation_batches(

@@ -114,101 +114,35 @@ def train_loop(
     callback: Callable[[int, dict], None] | None,
 ) -> dict:
     """Run (or resume) the optimisation in ``work``; return the cost record."""
-    from transformers import get_cosine_schedule_with_warmup
-
     s = settings
-    steps, grad_accum = s.steps, s.grad_accum
+    steps, world = s.steps, accelerator.num_processes
     save_every = s.save_every or s.eval_every
-    world, rank = accelerator.num_processes, accelerator.process_index
-    if len(schedule) != steps * grad_accum * world:
+    if len(schedule) != steps * s.grad_accum * world:
         raise AssertionError("schedule length does not match steps x grad_accum x processes")
 
     torch.manual_seed(s.seed)
-    # N of the 6·N·tokens estimate: every parameter the forward pass runs through (with LoRA:
-    # the frozen base plus the adapters). With frozen weights the backward pass skips their
-    # weight gradients (about a third of the 6N), so for LoRA the estimate is an upper bound.
-    n_params = dem_models.count_parameters(model)
     # Frozen parameters (LoRA's base) get no optimizer state; in full fine-tuning this is
     # every parameter, in the same order as model.parameters().
     trainable = [p for p in model.parameters() if p.requires_grad]
     model.train()
-    # The fused kernel (CPU and CUDA) updates all tensors in one call: for a tiny model the
-    # per-tensor Python loop of the default implementation costs ~25% of a step.
-    fused = accelerator.device.type in ("cpu", "cuda")
-    optimizer = torch.optim.AdamW(
-        trainable, lr=s.lr, betas=ADAM_BETAS, weight_decay=s.weight_decay, fused=fused
-    )
-    # Warmup is capped at half the run, so short smoke runs with the default warmup still decay.
-    scheduler = get_cosine_schedule_with_warmup(optimizer, min(s.warmup_steps, steps // 2), steps)
-    state = load_checkpoint(work, model, optimizer, scheduler) or {
-        "step": 0,
-        "log": [],
-        "wall_s": 0.0,
-    }
-    start_step, log = state["step"], state["log"]
+    optimizer, scheduler = _optimizer(trainable, s, accelerator.device)
+    fresh = {"step": 0, "log": [], "wall_s": 0.0}
+    state = load_checkpoint(work, model, optimizer, scheduler) or fresh
+    log = state["log"]
     model, optimizer = accelerator.prepare(model, optimizer)
-    pad_id = tokenizer.pad_token_id
-
-    # Tokens are counted from the global schedule, so every process agrees without talking.
-    def batch_of(i: int) -> dict[str, torch.Tensor]:
-        return pad_batch([encoded[name][idx] for name, idx in schedule[i]], pad_id)
-
-    bar = dem_progress.bar(
-        total=steps,
-        initial=start_step,
-        enabled=progress and accelerator.is_main_process,
-        desc=f"training {work.name.removesuffix('.partial')}",
-        unit="step",
-    )
-    wall_before = float(state["wall_s"])
-    t_start = time.perf_counter()
-    for step in range(start_step + 1, steps + 1):
-        t_step = time.perf_counter()
-        first = (step - 1) * grad_accum * world
-        step_batches = [batch_of(first + j) for j in range(grad_accum * world)]
-        n_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in step_batches)
-        n_tokens = sum(int(b["attention_mask"].sum()) for b in step_batches)
-        mine = step_batches[rank::world]
-        loss_sum = torch.zeros((), device=accelerator.device)
-        for j, batch in enumerate(mine):
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            # Gradient sync only on the last micro-batch of the step (DDP all-reduce once).
-            sync = nullcontext() if j == len(mine) - 1 else accelerator.no_sync(model)
-            with sync, accelerator.autocast():
-                # The loss is a sum over the step's response tokens divided by their global
-                # count, so micro-batches of different lengths are weighted by tokens, as one
-                # big batch would be; x world undoes DDP's gradient averaging.
-                loss = model(
-                    **batch,
-                    num_items_in_batch=torch.tensor(n_targets, device=batch["labels"].device),
-                ).loss
-                accelerator.backward(loss * world)
-            loss_sum += loss.detach()
-        loss_value = float(accelerator.reduce(loss_sum, "sum")) if world > 1 else float(loss_sum)
-        if not math.isfinite(loss_value):
-            last = state["step"]
+    step_of = _Steps(schedule, encoded, tokenizer.pad_token_id, s.grad_accum, accelerator)
+    bar = dem_progress.bar(total=steps, initial=state["step"], unit="step",
+                           enabled=progress and accelerator.is_main_process,
+                           desc=f"training {work.name.removesuffix('.partial')}")  # fmt: skip
+    clock = _Clock(float(state["wall_s"]))
+    for step in range(state["step"] + 1, steps + 1):
+        row = _optimizer_step(step, model, optimizer, scheduler, step_of, s, clock)
+        if not math.isfinite(row["loss"]):
             raise DemError(
-                f"training loss became {loss_value} at step {step} (lr={s.lr}); the last good "
-                f"checkpoint (step {last}) is kept in {work}; lower the learning rate and rerun "
-                "with overwrite=True"
+                f"training loss became {row['loss']} at step {step} (lr={s.lr}); the last good "
+                f"checkpoint (step {state['step']}) is kept in {work}; lower the learning rate "
+                "and rerun with overwrite=True"
             )
-        if s.max_grad_norm:
-            accelerator.clip_grad_norm_(model.parameters(), s.max_grad_norm)
-        current_lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        row: dict[str, Any] = {
-            "step": step,
-            "loss": loss_value,
-            "val_loss": None,
-            "tokens": n_tokens,
-            "response_tokens": n_targets,
-            "wall_s": wall_before + time.perf_counter() - t_start,
-            "tokens_per_s": n_tokens / max(1e-9, time.perf_counter() - t_step),
-            "lr": current_lr,
-        }
         if step % s.eval_every == 0 or step == steps:
             unwrapped = accelerator.unwrap_model(model)
             row.update(
@@ -216,20 +150,120 @@ def train_loop(
             )
         log.append(row)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+        bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
         if step % save_every == 0 and step < steps:
             state = {"step": step, "log": log, "wall_s": row["wall_s"]}
-            if accelerator.is_main_process:
-                unwrapped = accelerator.unwrap_model(model)
-                save_checkpoint(work, unwrapped, optimizer, scheduler, state)
-            accelerator.wait_for_everyone()
+            _save(work, accelerator, model, optimizer, scheduler, state)
         if callback is not None:
             callback(step, row)
     bar.close()
+    return _cost_record(log, schedule, trainable, clock, accelerator, model, steps)
 
+
+def _save(work: Path, accelerator: Any, model, optimizer, scheduler, state: dict) -> None:
+    """A checkpoint to resume from, written by the main process while the others wait."""
+    if accelerator.is_main_process:
+        save_checkpoint(work, accelerator.unwrap_model(model), optimizer, scheduler, state)
+    accelerator.wait_for_everyone()
+
+
+def _optimizer(trainable: list, s: LoopSettings, device: torch.device) -> tuple[Any, Any]:
+    """AdamW and its schedule: linear warmup (capped at half the run, so short smoke runs with
+    the default warmup still decay), then cosine decay."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    # The fused kernel (CPU and CUDA) updates all tensors in one call: for a tiny model the
+    # per-tensor Python loop of the default implementation costs ~25% of a step.
+    fused = device.type in ("cpu", "cuda")
+    optimizer = torch.optim.AdamW(
+        trainable, lr=s.lr, betas=ADAM_BETAS, weight_decay=s.weight_decay, fused=fused
+    )
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer, min(s.warmup_steps, s.steps // 2), s.steps
+    )
+    return optimizer, scheduler
+
+
+class _Clock:
+    """Wall time of the run, resumed runs included."""
+
+    def __init__(self, before: float):
+        self.before, self.start = before, time.perf_counter()
+
+    def wall(self) -> float:
+        return self.before + time.perf_counter() - self.start
+
+
+class _Steps:
+    """The micro-batches of one optimizer step, from the global schedule: all processes', and
+    this process's share."""
+
+    def __init__(self, schedule, encoded, pad_id: int, grad_accum: int, accelerator: Any):
+        self.schedule, self.encoded, self.pad_id = schedule, encoded, pad_id
+        self.per_step = grad_accum * accelerator.num_processes
+        self.accelerator = accelerator
+
+    def __call__(self, step: int) -> list[dict[str, torch.Tensor]]:
+        first = (step - 1) * self.per_step
+        return [
+            pad_batch([self.encoded[n][i] for n, i in self.schedule[first + j]], self.pad_id)
+            for j in range(self.per_step)
+        ]
+
+
+def _optimizer_step(step, model, optimizer, scheduler, step_of: _Steps, s, clock: _Clock) -> dict:
+    """One optimizer step over its micro-batches; the step's row of the training log."""
+    accelerator = step_of.accelerator
+    world, rank = accelerator.num_processes, accelerator.process_index
+    t_step = time.perf_counter()
+    step_batches = step_of(step)
+    # Tokens are counted from the global schedule, so every process agrees without talking.
+    n_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in step_batches)
+    n_tokens = sum(int(b["attention_mask"].sum()) for b in step_batches)
+    mine = step_batches[rank::world]
+    loss_sum = torch.zeros((), device=accelerator.device)
+    for j, batch in enumerate(mine):
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        # Gradient sync only on the last micro-batch of the step (DDP all-reduce once).
+        sync = nullcontext() if j == len(mine) - 1 else accelerator.no_sync(model)
+        with sync, accelerator.autocast():
+            # The loss is a sum over the step's response tokens divided by their global
+            # count, so micro-batches of different lengths are weighted by tokens, as one
+            # big batch would be; x world undoes DDP's gradient averaging.
+            items = torch.tensor(n_targets, device=batch["labels"].device)
+            loss = model(**batch, num_items_in_batch=items).loss
+            accelerator.backward(loss * world)
+        loss_sum += loss.detach()
+    loss_value = float(accelerator.reduce(loss_sum, "sum")) if world > 1 else float(loss_sum)
+    if math.isfinite(loss_value):
+        if s.max_grad_norm:
+            accelerator.clip_grad_norm_(model.parameters(), s.max_grad_norm)
+        current_lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    else:  # the caller stops; this step changes nothing
+        current_lr = scheduler.get_last_lr()[0]
+    return {
+        "step": step,
+        "loss": loss_value,
+        "val_loss": None,
+        "tokens": n_tokens,
+        "response_tokens": n_targets,
+        "wall_s": clock.wall(),
+        "tokens_per_s": n_tokens / max(1e-9, time.perf_counter() - t_step),
+        "lr": current_lr,
+    }
+
+
+def _cost_record(log, schedule, trainable, clock, accelerator, model, steps) -> dict:
     model = accelerator.unwrap_model(model)
+    # N of the 6·N·tokens estimate: every parameter the forward pass runs through (with LoRA:
+    # the frozen base plus the adapters). With frozen weights the backward pass skips their
+    # weight gradients (about a third of the 6N), so for LoRA the estimate is an upper bound.
+    n_params = dem_models.count_parameters(model)
     train_tokens = sum(r["tokens"] for r in log)
-    wall_s = wall_before + time.perf_counter() - t_start
+    wall_s = clock.wall()
     return {
         "train_tokens": train_tokens,
         "response_tokens": sum(r["response_tokens"] for r in log),
@@ -240,7 +274,7 @@ def train_loop(
         "steps": steps,
         "examples": sum(len(b) for b in schedule),
         "tokens_per_s": train_tokens / wall_s if wall_s > 0 else None,
-        "processes": world,
+        "processes": accelerator.num_processes,
         "_log": log,
         "_model": model,
         "_main": accelerator.is_main_process,
