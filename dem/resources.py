@@ -17,4 +17,5 @@ INSTALLED = Path(sys.prefix) / "share" / "dem"
 ROOT = CHECKOUT if (CHECKOUT / "notebooks").is_dir() else INSTALLED
 NOTEBOOKS = ROOT / "notebooks"
 PARAMS = NOTEBOOKS / "params"
+SWEEPS = NOTEBOOKS / "sweeps"  # dem sweep's files and chapter 07, which reads their tables
 DATA = ROOT / "data"

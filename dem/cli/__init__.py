@@ -14,6 +14,7 @@ from dem import DemError, __version__
 from dem.cli.merge import _add_merge
 from dem.cli.run import _add_run
 from dem.cli.sources import _add_sources
+from dem.cli.sweep import _add_sweep
 from dem.cli.training import _add_training
 
 
@@ -24,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"dem {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_merge, _add_sources, _add_training, _add_run):
+    for add in (_add_merge, _add_sources, _add_training, _add_run, _add_sweep):
         add(sub)
     return parser
 

@@ -1,0 +1,584 @@
+"""``dem sweep``: the tutorial run over a grid of bases, budgets, fine-tuning kinds and seeds.
+
+One sweep cell is one ordinary ``dem run`` (chapters 01-06 through :func:`dem.pipeline.run`)
+into ``OUT/cells/<cell id>/`` with a few parameters overridden: the base, the per-source steps
+times the budget, the fine-tuning kind (full or LoRA) and the seed. Every method is therefore
+trained, chosen on validation data and scored on test data exactly as the tutorial does; the
+sweep only reads what each cell's ``metrics.json`` and ``tables/`` hold. A finished cell is
+skipped on a rerun; a half-finished one resumes at its first unfinished chapter.
+
+The sweep file (YAML) is read into :class:`SweepConfig`, one typed field per setting, checked
+before anything runs. ``OUT/results.csv`` has one row per cell × method, ``OUT/diagnostics.csv``
+the vectors' sizes, cosines and merge gaps per cell; :mod:`dem.scale` analyses them (chapter 07).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import time
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from dem import DemError, resources
+from dem.io import write_json
+from dem.provenance import provenance
+from dem.results import write_table
+
+SWEEPS = resources.SWEEPS
+CHAPTER = SWEEPS / "07_when_dem_works.ipynb"
+DONE = "sweep_cell.json"  # written into a cell's run folder once its metrics.json exists
+ORDERS = ("curve", "file")
+
+
+def _setting(default: Any, why: str, choices: Sequence[str] = ()) -> Any:
+    factory = (
+        (lambda: json.loads(json.dumps(default))) if isinstance(default, (list, dict)) else None
+    )
+    kwargs = {"default_factory": factory} if factory else {"default": default}
+    return field(**kwargs, metadata={"why": why, "choices": tuple(choices)})
+
+
+@dataclass(frozen=True)
+class Base:
+    """One base model of the sweep: a short name for tables, and how a cell loads it."""
+
+    name: str = _setting(MISSING, "short label in cell ids and tables, e.g. h64")
+    base_model: str = _setting(MISSING, "the chapters' base_model: dem:NAME, a folder or a hub id")
+    params: str = _setting("", "parameter set for this base's cells ('' = the sweep's params)")
+    overrides: dict = _setting({}, "notebook parameters only this base needs (e.g. gguf_file)")
+    size: int = _setting(0, "parameters, for --plan only, where base_model is not a local folder")
+
+
+@dataclass(frozen=True)
+class CellRule:
+    """A block of cells: the cross product of the listed values (an omitted axis: all values)."""
+
+    bases: list = _setting([], "base names ([] = every base)")
+    budgets: list = _setting([], "budget multipliers ([] = every budget)")
+    kinds: list = _setting([], "fine-tuning kinds ([] = every kind)")
+    seeds: list = _setting([], "seeds ([] = every seed)")
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """Everything a sweep file declares; each field's metadata says why it exists."""
+
+    params: str = _setting(
+        "default", "the shipped parameter set (or YAML file) every cell starts from"
+    )
+    overrides: dict = _setting({}, "notebook parameters common to every cell (e.g. swap_out: '')")
+    bases: list = _setting([], "the bases, smallest first: Base entries {name, base_model, ...}")
+    budgets: list = _setting([1], "multipliers of finetune_steps (and source_steps): 1 = budget S")
+    kinds: dict = _setting({"full": {}}, "fine-tuning kind -> its notebook parameters (lora_r ...)")
+    seeds: list = _setting([0], "seeds; each seeds data, initialisation and order within a cell")
+    cells: list = _setting([], "CellRule blocks whose union is the sweep ([] = the whole grid)")
+    order: str = _setting(
+        "curve", "curve: main budget and kind first, seed by seed; file: as listed", ORDERS
+    )
+    seconds_per_step: float = _setting(
+        0.3, "--plan's prior: seconds per training step of a 2.6M base, all chapters included"
+    )
+
+    def __post_init__(self) -> None:
+        names = [b.name for b in self.bases]
+        if not names:
+            raise DemError("bases: at least one base is needed")
+        if len(set(names)) != len(names):
+            raise DemError(f"bases: names must be distinct, got {names}")
+        for rule in self.cells:
+            for axis, known in (("bases", names), ("budgets", self.budgets),
+                                ("kinds", list(self.kinds)), ("seeds", self.seeds)):  # fmt: skip
+                unknown = [v for v in getattr(rule, axis) if v not in known]
+                if unknown:
+                    raise DemError(f"cells: {axis} {unknown} not declared (declared: {known})")
+
+
+def _check(where: str, value: Any, hint: Any, choices: Sequence[str]) -> Any:
+    """``value`` if it has the type ``hint`` names (nested dataclasses built); else DemError."""
+    expected = getattr(hint, "__name__", str(hint))
+    if isinstance(hint, type) and hasattr(hint, "__dataclass_fields__"):
+        if not isinstance(value, dict):
+            raise DemError(f"{where}: expected a mapping ({expected}), got {value!r}")
+        return _build(hint, value, where)
+    if hint is float:
+        ok = (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        )
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, hint)
+    if not ok:
+        raise DemError(f"{where}: expected {expected}, got {value!r}")
+    if choices and value not in choices:
+        raise DemError(f"{where}: expected one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+# The element type of each list field (dataclass fields are declared plainly, as list).
+ITEMS = {
+    (SweepConfig, "bases"): Base,
+    (SweepConfig, "budgets"): float,
+    (SweepConfig, "seeds"): int,
+    (SweepConfig, "cells"): CellRule,
+    (CellRule, "bases"): str,
+    (CellRule, "budgets"): float,
+    (CellRule, "kinds"): str,
+    (CellRule, "seeds"): int,
+}
+
+
+def _build(cls: type, data: dict, where: str) -> Any:
+    """``cls(**data)`` with every key known and every value of its declared type."""
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise DemError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(known)})")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in data.items():
+        key, f = f"{where}: {name}", known[name]
+        value = _check(key, value, hints[name], f.metadata["choices"])
+        item = ITEMS.get((cls, name))
+        if item is not None:
+            value = [_check(f"{key}[{i}]", v, item, ()) for i, v in enumerate(value)]
+        if (cls, name) == (SweepConfig, "kinds"):
+            value = {k: _check(f"{key}.{k}", v or {}, dict, ()) for k, v in value.items()}
+        values[name] = value
+    missing = [n for n, f in known.items() if n not in data and f.default is MISSING
+               and f.default_factory is MISSING]  # fmt: skip
+    if missing:
+        raise DemError(f"{where}: missing key {missing[0]!r}")
+    try:
+        return cls(**values)
+    except DemError as err:
+        raise DemError(f"{where}: {err}") from None
+
+
+def resolve_sweep(name: str | Path) -> Path:
+    """A sweep file: a path, or the name of a shipped sweep (``smoke`` -> sweeps/smoke.yaml)."""
+    path, shipped = Path(name), SWEEPS / f"{name}.yaml"
+    if not path.exists() and path.suffix == "" and len(path.parts) == 1 and shipped.is_file():
+        return shipped
+    return path
+
+
+def load_sweep(name: str | Path) -> SweepConfig:
+    """Read and check a sweep file; any problem is one DemError naming file, key and expectation."""
+    path = resolve_sweep(name)
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in SWEEPS.glob("*.yaml")))
+        raise DemError(f"sweep file {path} not found (shipped sweeps: {known})")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise DemError(f"sweep file {path} is not valid YAML: {err}".splitlines()[0]) from None
+    if not isinstance(data, dict):
+        raise DemError(f"sweep file {path}: expected a mapping of setting: value")
+    return _build(SweepConfig, data, f"sweep file {path}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Cells and the plan
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the tutorial: a base, a budget multiplier, a fine-tuning kind and a seed."""
+
+    base: Base
+    budget: float
+    kind: str
+    seed: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.base.name}-x{self.budget:g}-{self.kind}-s{self.seed}"
+
+
+def select_cells(config: SweepConfig) -> list[Cell]:
+    """The union of the ``cells`` blocks (each a cross product), each cell once, file order."""
+    bases = {b.name: b for b in config.bases}
+    found: dict[str, Cell] = {}
+    for rule in config.cells or [CellRule()]:
+        for name in rule.bases or list(bases):
+            for budget in rule.budgets or config.budgets:
+                for kind in rule.kinds or list(config.kinds):
+                    for seed in rule.seeds or config.seeds:
+                        cell = Cell(bases[name], budget, kind, seed)
+                        found.setdefault(cell.id, cell)
+    return list(found.values())
+
+
+@dataclass
+class PlannedCell:
+    """A cell with its parameters, its training steps and what it is expected to cost."""
+
+    cell: Cell
+    params_file: Path
+    overrides: dict  # the notebook parameters this cell changes: passed to dem.pipeline.run
+    size: int  # the base's parameters (0: unknown before the cell runs)
+    steps: int  # training steps of every run the cell trains (fine-tunes, DMix, swap)
+    estimate_s: float = 0.0
+    done: bool = False
+    wall_s: float | None = None  # measured, once finished
+
+
+def _settings(params_file: Path, overrides: dict, where: str) -> dict:
+    """Every chapter parameter of a cell, checked as dem.pipeline.run will check them."""
+    from dem.config import load_config, make_config
+
+    changes = load_config(params_file).changes()  # its errors name the parameter file
+    return make_config({**changes, **overrides}, where=where).to_dict()
+
+
+def cell_overrides(config: SweepConfig, cell: Cell, where: str) -> tuple[Path, dict, dict]:
+    """(parameter file, overrides, every resulting setting) of one cell.
+
+    The budget multiplies the per-source steps (``finetune_steps`` and each ``source_steps``,
+    and ``dmix_steps`` when set); DMix keeps training the fine-tunes' total, so the budgets of
+    DEM and DMix stay equal at every multiplier.
+    """
+    from dem.pipeline import resolve_params
+
+    params_file = resolve_params(cell.base.params or config.params)
+    if not params_file.is_file():
+        raise DemError(f"{where}: parameter set {params_file} not found")
+    fixed = {**config.overrides, **cell.base.overrides, "base_model": cell.base.base_model,
+             **config.kinds[cell.kind], "seed": cell.seed}  # fmt: skip
+    settings = _settings(params_file, fixed, where)
+    scaled = {
+        "finetune_steps": round(settings["finetune_steps"] * cell.budget),
+        "source_steps": {k: round(v * cell.budget) for k, v in settings["source_steps"].items()},
+    }
+    if settings["dmix_steps"]:
+        scaled["dmix_steps"] = round(settings["dmix_steps"] * cell.budget)
+    overrides = {**fixed, **scaled}
+    return params_file, overrides, _settings(params_file, overrides, where)
+
+
+def training_steps(settings: dict) -> int:
+    """Steps of every training run a cell does: K fine-tunes, the DMix grid, the swap's fine-tune."""
+    per_source = [settings["source_steps"].get(s, settings["finetune_steps"])
+                  for s in settings["sources"]]  # fmt: skip
+    dmix = settings["dmix_steps"] or sum(per_source)
+    swap = settings["finetune_steps"] if settings["swap_out"] else 0
+    return sum(per_source) + dmix * len(settings["dmix_grid"]) + swap
+
+
+def folder_size(folder: str | Path) -> int:
+    """Parameters of a model folder, from its safetensors headers (no tensor is read)."""
+    from dem.safetensors_io import read_header
+
+    total = 0
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        header, _ = read_header(path)
+        total += sum(math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__")
+    return total
+
+
+def base_size(base: Base) -> int:
+    """The base's parameters: its declared size, else counted in a local or shipped folder."""
+    if base.size:
+        return base.size
+    from dem.models import shipped_base
+
+    folder = Path(shipped_base(base.base_model))  # an unknown dem:NAME is refused here
+    return folder_size(folder) if folder.is_dir() else 0
+
+
+# The cost model of --plan: a training step costs in proportion to (parameters + SIZE_OFFSET),
+# measured on one thread: pretraining steps took 0.068 s at 0.17M and 0.58 s at 2.65M
+# parameters (data/bases), a ratio that fits 0.16M of per-step work independent of size.
+REFERENCE_SIZE = 2_649_344  # dem:tiny-knowledge, the size seconds_per_step is quoted at
+SIZE_OFFSET = 160_000
+CELL_OVERHEAD_S = 60.0  # six kernel starts, data generation, tables: paid by every cell
+
+
+def prior_seconds(config: SweepConfig, size: int, steps: int) -> float:
+    """Expected wall seconds of a cell before any cell of this sweep has finished."""
+    scale = ((size or REFERENCE_SIZE) + SIZE_OFFSET) / (REFERENCE_SIZE + SIZE_OFFSET)
+    return CELL_OVERHEAD_S + config.seconds_per_step * steps * scale
+
+
+def make_plan(config: SweepConfig, out: Path, where: str) -> list[PlannedCell]:
+    """Every cell with its settings checked, its status in ``out`` and its estimated time.
+
+    Estimates are the prior cost model scaled by (measured / predicted) over the cells that
+    have finished in ``out``, so the plan learns this machine's speed.
+    """
+    sizes = {}
+    for base in config.bases:
+        try:
+            sizes[base.name] = base_size(base)
+        except DemError as err:
+            raise DemError(f"{where}: bases: {base.name}: {err}") from None
+    plan = []
+    for cell in select_cells(config):
+        params_file, overrides, settings = cell_overrides(config, cell, f"{where}: cell {cell.id}")
+        planned = PlannedCell(cell, params_file, overrides, sizes[cell.base.name],
+                              training_steps(settings))  # fmt: skip
+        planned.estimate_s = prior_seconds(config, planned.size, planned.steps)
+        record = finished_record(out / "cells" / cell.id)
+        if record is not None and record["overrides"] == json.loads(json.dumps(overrides)):
+            planned.done, planned.wall_s = True, record["wall_s"]
+        plan.append(planned)
+    done = [p for p in plan if p.done]
+    if done:
+        factor = sum(p.wall_s for p in done) / sum(p.estimate_s for p in done)
+        for p in plan:
+            p.estimate_s *= factor
+    return ordered(plan, config)
+
+
+def ordered(plan: list[PlannedCell], config: SweepConfig) -> list[PlannedCell]:
+    """``curve``: the first budget and kind first, seed by seed, cheapest cell first within a
+    seed (the curve over bases appears soonest, then its spread); then the other cells."""
+    if config.order == "file":
+        return plan
+    main = (config.budgets[0], next(iter(config.kinds)))
+    return sorted(
+        plan, key=lambda p: ((p.cell.budget, p.cell.kind) != main, p.cell.seed, p.estimate_s)
+    )
+
+
+def finished_record(cell_dir: Path) -> dict | None:
+    """A cell's done record, when the cell finished (its metrics.json beside it)."""
+    record = cell_dir / DONE
+    if not (record.is_file() and (cell_dir / "metrics.json").is_file()):
+        return None
+    return json.loads(record.read_text())
+
+
+def pick(plan: list[PlannedCell], patterns: Sequence[str]) -> list[PlannedCell]:
+    """The cells whose id matches one of the shell patterns (``h64-*``, ``*-s0``)."""
+    if not patterns:
+        return plan
+    chosen = [p for p in plan if any(fnmatch.fnmatchcase(p.cell.id, pat) for pat in patterns)]
+    if not chosen:
+        ids = ", ".join(p.cell.id for p in plan)
+        raise DemError(f"--only-cells {' '.join(patterns)} matches no cell (cells: {ids})")
+    return chosen
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min"
+
+
+def plan_text(plan: list[PlannedCell]) -> str:
+    """The plan as printed by ``dem sweep --plan``: one line per cell, then the totals."""
+    lines = [f"{'#':>3}  {'cell':<28} {'params':>8} {'steps':>7}  {'estimate':>9}  status"]
+    for i, p in enumerate(plan, 1):
+        size = f"{p.size / 1e6:.2f}M" if p.size else "?"
+        status = f"done in {_minutes(p.wall_s)}" if p.done else "to run"
+        lines.append(f"{i:>3}  {p.cell.id:<28} {size:>8} {p.steps:>7,}  "
+                     f"{_minutes(p.estimate_s):>9}  {status}")  # fmt: skip
+    left = sum(p.estimate_s for p in plan if not p.done)
+    n_left = sum(not p.done for p in plan)
+    lines.append(f"{len(plan)} cells, {len(plan) - n_left} finished; "
+                 f"{n_left} to run, about {_minutes(left)} ({left / 3600:.1f} h) on this machine")  # fmt: skip
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Running the cells
+# ----------------------------------------------------------------------------------------------
+
+
+def run_cell(planned: PlannedCell, out: Path) -> dict:
+    """Run the tutorial chapters for one cell (finished chapters are reused); its done record."""
+    from dem import pipeline
+
+    cell_dir = out / "cells" / planned.cell.id
+    log_file = out / "logs" / f"{planned.cell.id}.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "a") as stream:  # a log grows line by line; the tables are atomic
+
+        def log(line: str) -> None:
+            stream.write(f"{time.strftime('%H:%M:%S')} {line}\n")
+            stream.flush()
+
+        pipeline.run(planned.params_file, cell_dir, overrides=planned.overrides, quiet=True,
+                     log=log)  # fmt: skip
+    steps = json.loads((cell_dir / "manifest.json").read_text())["steps"]
+    record = {
+        "cell": {**asdict(planned.cell), "id": planned.cell.id},
+        "params_file": str(planned.params_file),
+        "overrides": planned.overrides,
+        "steps": planned.steps,
+        # The chapters' own wall times: a resumed cell still counts the chapters run before.
+        "wall_s": round(sum(s.get("wall_s", 0.0) for s in steps.values()), 2),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    write_json(cell_dir / DONE, record)
+    return record
+
+
+def run_sweep(
+    sweep_file: str | Path,
+    out: str | Path,
+    *,
+    plan_only: bool = False,
+    only_cells: Sequence[str] = (),
+    chapter: bool = True,
+    log: Callable[[str], None] = print,
+) -> list[PlannedCell]:
+    """Plan the sweep, then run every unfinished selected cell, rewriting the tables after each.
+
+    Everything is checked before anything is written: the sweep file, every cell's parameters
+    and the ``only_cells`` patterns. ``chapter``: execute chapter 07 on the tables at the end.
+    """
+    path = resolve_sweep(sweep_file)
+    config = load_sweep(path)
+    out = Path(out).resolve()
+    plan = make_plan(config, out, f"sweep file {path}")
+    selected = pick(plan, only_cells)
+    if plan_only:
+        log(plan_text(selected))
+        return selected
+    manifest = {"sweep_file": str(path.resolve()), "params_file": str(path.resolve()),
+                "config": asdict(config), **provenance(), "steps": {}}  # fmt: skip
+    write_json(out / "manifest.json", manifest)
+    for i, p in enumerate(selected, 1):
+        head = f"[dem sweep] {i}/{len(selected)} {p.cell.id}"
+        if p.done:
+            log(f"{head}: finished earlier, skipped")
+            continue
+        log(f"{head}: running (about {_minutes(p.estimate_s)}; log: {out}/logs/{p.cell.id}.log)")
+        p.wall_s, p.done = run_cell(p, out)["wall_s"], True
+        results = write_tables(out, plan, config)
+        log(f"{head}: done in {_minutes(p.wall_s)}; {headline(results, p.cell.id)}")
+    write_tables(out, plan, config)
+    if chapter:
+        manifest["steps"] = run_chapter(out, log)
+        manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    manifest["cells"] = {p.cell.id: {"done": p.done, "wall_s": p.wall_s} for p in plan}
+    write_json(out / "manifest.json", manifest)
+    return selected
+
+
+def run_chapter(out: Path, log: Callable[[str], None]) -> dict:
+    """Execute chapter 07 on the sweep's tables into ``out/notebooks/``; its wall time."""
+    import papermill as pm
+
+    from dem.execute import run_notebook
+
+    executed = out / "notebooks" / CHAPTER.name
+    executed.parent.mkdir(parents=True, exist_ok=True)
+    log(f"[dem sweep] {CHAPTER.stem}: running")
+    t0 = time.perf_counter()
+    try:
+        run_notebook(CHAPTER, executed, {"run_dir": str(out)}, out, log=log, quiet=True)
+    except pm.PapermillExecutionError as err:
+        message = (str(err.evalue).strip().splitlines() or [""])[0]
+        raise DemError(
+            f"{CHAPTER.name} failed in cell [{err.exec_count}]: {err.ename}: "
+            f"{message} (partly executed notebook kept at {executed})"
+        ) from None
+    wall = time.perf_counter() - t0
+    log(f"[dem sweep] {CHAPTER.stem}: done in {wall:.1f} s")
+    return {CHAPTER.stem: {"wall_s": round(wall, 2)}}
+
+
+def headline(results: pd.DataFrame, cell_id: str) -> str:
+    """``DEM 0.210, DMix uniform 0.422``: the cell's two headline accuracies."""
+    rows = results[results.cell == cell_id].set_index("method").accuracy
+    return ", ".join(f"{m} {rows[m]:.3f}" for m in ("dem", "dmix_uniform") if m in rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# The tables
+# ----------------------------------------------------------------------------------------------
+
+
+def _device(manifest: dict) -> str:
+    """The device a cell trained on, as its manifest records the machine and the setting."""
+    hardware, wanted = manifest.get("hardware", {}), manifest["parameters"].get("device", "auto")
+    if hardware.get("gpus") and wanted in ("auto", "cuda"):
+        return hardware["gpus"][0]
+    return f"cpu ({hardware.get('cpu_count')} cores)"
+
+
+def cell_info(planned: PlannedCell, cell_dir: Path) -> dict:
+    """The columns that describe a cell, shared by its rows in both tables."""
+    manifest = json.loads((cell_dir / "manifest.json").read_text())
+    cell = planned.cell
+    return {
+        "cell": cell.id,
+        "base": cell.base.name,
+        "params": folder_size(cell_dir / "models" / "base"),
+        "budget": cell.budget,
+        "kind": cell.kind,
+        "seed": cell.seed,
+        "device": _device(manifest),
+        "finetune_steps": manifest["parameters"]["finetune_steps"],
+        "cell_wall_s": planned.wall_s,
+    }
+
+
+def cell_rows(planned: PlannedCell, cell_dir: Path) -> list[dict]:
+    """One row per method of the cell's metrics.json (every method it holds, none named here).
+
+    ``accuracy`` is the mean test accuracy over the cell's sources, as metrics.json's average;
+    ``wall_s`` the method's training plus its own weight search; ``search_*`` the search's
+    candidates and seconds where chapter 04 records one for the method.
+    """
+    metrics = json.loads((cell_dir / "metrics.json").read_text())
+    settings = json.loads((cell_dir / "tables" / "04_merge_settings.json").read_text())
+    searches = {"dem": settings["search"], **settings.get("searches", {})}
+    info = cell_info(planned, cell_dir)
+    rows = []
+    for method, entry in metrics["methods"].items():
+        search = searches.get(method, {})
+        rows.append({
+            **info,
+            "method": method,
+            "accuracy": entry["average"],
+            **{f"accuracy_{s}": v for s, v in entry["test"].items()},
+            "composite": entry.get("composite"),
+            "train_tokens": entry["cost"]["train_tokens"],
+            "wall_s": entry["cost"]["wall_s"],
+            "forward_passes": entry["cost"].get("forward_passes", 1),
+            "search_candidates": search.get("candidates"),
+            "search_s": search.get("wall_s"),
+        })  # fmt: skip
+    return rows
+
+
+def cell_diagnostics(planned: PlannedCell, cell_dir: Path) -> list[dict]:
+    """The cell's vectors (chapter 03): ‖v_i‖/‖θ0‖ per source, cosine and merge gap per pair."""
+    metrics = json.loads((cell_dir / "metrics.json").read_text())
+    info = cell_info(planned, cell_dir)
+    vectors = metrics.get("vectors") or {}
+    found = [("relative_norm", k, v) for k, v in (vectors.get("relative_norm") or {}).items()]
+    cosine = pd.read_csv(cell_dir / "tables" / "03_cosine_similarity.csv", index_col=0)
+    names = list(cosine.index)
+    found += [("cosine", f"{a} → {b}", cosine.loc[a, b])
+              for i, a in enumerate(names) for b in names[i + 1:]]  # fmt: skip
+    found += [("merge_gap", k, v) for k, v in (vectors.get("merge_gap") or {}).items()]
+    return [{**info, "quantity": q, "item": item, "value": float(v)} for q, item, v in found]
+
+
+def write_tables(out: Path, plan: list[PlannedCell], config: SweepConfig) -> pd.DataFrame:
+    """``results.csv`` and ``diagnostics.csv`` over the finished cells, in the file's cell order
+    (so a rerun writes identical tables); the results table."""
+    rank = {c.id: i for i, c in enumerate(select_cells(config))}
+    finished = sorted((p for p in plan if p.done), key=lambda p: rank[p.cell.id])
+    results, diagnostics = [], []
+    for p in finished:
+        cell_dir = out / "cells" / p.cell.id
+        results += cell_rows(p, cell_dir)
+        diagnostics += cell_diagnostics(p, cell_dir)
+    results_table = pd.DataFrame(results)
+    write_table(results_table, out / "results.csv", index=False)
+    write_table(pd.DataFrame(diagnostics), out / "diagnostics.csv", index=False)
+    return results_table
