@@ -107,52 +107,53 @@ def run(
     the same notebooks and parameters (they are reused, never silently recomputed).
     ``quiet``: only one line per chapter, no section lines and no progress bars (CI logs).
     """
-    import papermill as pm
-
     params_file = resolve_params(params_file)
     if not params_file.is_file():
         known = ", ".join(sorted(p.stem for p in PARAMS.glob("*.yaml")))
         raise DemError(f"parameter file {params_file} not found (shipped sets: {known})")
     # Every setting is checked before anything is written.
     config = load_config(params_file, overrides)
-    params = config.to_dict()
-    params.pop("run_dir")
-    run_dir = Path(out) if out else Path("runs") / params_file.stem
-    run_dir = run_dir.resolve()
+    run_dir = (Path(out) if out else Path("runs") / params_file.stem).resolve()
     layout = RunLayout(run_dir)
-    manifest_path = layout.manifest
-    if run_dir.exists() and any(run_dir.iterdir()) and not manifest_path.exists() and not force:
+    if run_dir.exists() and any(run_dir.iterdir()) and not layout.manifest.exists() and not force:
         raise DemError(
             f"output folder {run_dir} exists and is not a dem run folder; "
             "choose another --out or pass --force"
         )
-    previous_manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-    done = {} if force else previous_manifest.get("steps", {})
-
+    previous = json.loads(layout.manifest.read_text()) if layout.manifest.exists() else {}
+    done = {} if force else previous.get("steps", {})
     books = notebooks(Path(notebook_dir))
     selected = _select(books, only, start)
-
-    # MPLBACKEND=agg: figures render to files in a headless kernel (no display here).
-    os.environ.setdefault("MPLBACKEND", "agg")
-    # Per-file "Loading weights" bars would bury the notebooks' own output.
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    # provenance(): versions, git {commit, dirty}, hardware, command, time (UTC).
-    manifest = {
-        "params_file": str(params_file.resolve()),
-        "parameters": params,
-        "changed_from_default": config.changes(),
-        "seed": params.get("seed"),
-        **provenance(),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "steps": {},
-    }
-    # Every step's key first: a chapter --only/--from would reuse must be checked before
-    # anything is written.
-    keys, key = {}, ""
-    step_params = {}
+    step_params, keys, finished = _steps(books, selected, config, layout, done, only, start)
+    manifest = _manifest(params_file, config)
+    layout.notebooks.mkdir(parents=True, exist_ok=True)
     for nb in books:
-        # Each chapter gets every setting it declares (RunConfig), not only the file's.
-        step_params[nb] = {**config.to_dict(chapter_of(nb)), "run_dir": str(run_dir)}
+        step, first = nb.stem, books.index(selected[0])
+        if nb not in selected:  # before --only/--from: reused; after an --only chapter: as it was
+            reused = books.index(nb) < first
+            if reused:
+                log(f"[dem run] {step}: reused")
+            manifest["steps"][step] = (
+                {**done[step], "skipped": True} if reused else done.get(step, {"key": None})
+            )
+        elif finished[nb] and not (only or start):
+            log(f"[dem run] {step}: unchanged, skipped")
+            manifest["steps"][step] = {**done[step], "skipped": True}
+        else:
+            _execute(nb, step_params[nb], keys[nb], layout, manifest, log=log, quiet=quiet)
+    manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    write_json(layout.manifest, manifest)
+    return run_dir
+
+
+def _steps(books, selected, config, layout: RunLayout, done: dict, only, start) -> tuple:
+    """Each chapter's parameters and key, and whether it finished; refuses --only/--from when a
+    chapter they would reuse has not finished with these notebooks and parameters."""
+    # Every step's key first: a chapter --only/--from would reuse must be checked before
+    # anything is written. Each chapter gets every setting it declares, not only the file's.
+    keys, key, step_params = {}, "", {}
+    for nb in books:
+        step_params[nb] = {**config.to_dict(chapter_of(nb)), "run_dir": str(layout.root)}
         key = keys[nb] = _step_key(nb, step_params[nb], key)
     finished = {
         nb: done.get(nb.stem, {}).get("key") == keys[nb]
@@ -164,41 +165,51 @@ def run(
             flag = f"--only {only}" if only else f"--from {start}"
             raise DemError(
                 f"{flag} reuses the earlier chapters, but {nb.stem} has not finished in "
-                f"{run_dir} with these notebooks and parameters; run without {flag} first"
+                f"{layout.root} with these notebooks and parameters; run without {flag} first"
             )
-    layout.notebooks.mkdir(parents=True, exist_ok=True)
-    for nb in books:
-        step, key, nb_params = nb.stem, keys[nb], step_params[nb]
-        executed = layout.executed_notebook(nb.name)
-        if nb not in selected:
-            if books.index(nb) < books.index(selected[0]):
-                log(f"[dem run] {step}: reused")
-                manifest["steps"][step] = {**done[step], "skipped": True}
-            else:  # after an --only chapter: left as it was
-                manifest["steps"][step] = done.get(step, {"key": None})
-            continue
-        if finished[nb] and not (only or start):
-            log(f"[dem run] {step}: unchanged, skipped")
-            manifest["steps"][step] = {**done[step], "skipped": True}
-            continue
-        log(f"[dem run] {step}: running")
-        t0 = time.perf_counter()
-        try:
-            run_notebook(nb, executed, nb_params, run_dir, log=log, quiet=quiet)
-        except pm.PapermillExecutionError as err:
-            manifest["steps"][step] = {"key": None, "failed": True}
-            write_json(manifest_path, manifest)
-            message = str(err.evalue).strip().splitlines()
-            first_line = (err.source or "").strip().splitlines()[:1]
-            raise DemError(
-                f"notebook {nb.name} failed in cell [{err.exec_count}]"
-                f"{f' ({first_line[0][:60]})' if first_line else ''}: {err.ename}: "
-                f"{message[0] if message else ''} (partly executed notebook kept at {executed})"
-            ) from None
-        wall = time.perf_counter() - t0
-        manifest["steps"][step] = {"key": key, "wall_s": round(wall, 2)}
-        write_json(manifest_path, manifest)
-        log(f"[dem run] {step}: done in {wall:.1f} s")
-    manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    write_json(manifest_path, manifest)
-    return run_dir
+    return step_params, keys, finished
+
+
+def _manifest(params_file: Path, config) -> dict:
+    """The run's record: every setting, what the file changed, provenance; steps to come."""
+    # MPLBACKEND=agg: figures render to files in a headless kernel (no display here).
+    os.environ.setdefault("MPLBACKEND", "agg")
+    # Per-file "Loading weights" bars would bury the notebooks' own output.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    params = config.to_dict()
+    params.pop("run_dir")
+    # provenance(): versions, git {commit, dirty}, hardware, command, time (UTC).
+    return {
+        "params_file": str(params_file.resolve()),
+        "parameters": params,
+        "changed_from_default": config.changes(),
+        "seed": params.get("seed"),
+        **provenance(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "steps": {},
+    }
+
+
+def _execute(nb: Path, params: dict, key: str, layout: RunLayout, manifest: dict, *, log, quiet):
+    """Execute one chapter into the run folder and record it (a failure in one line)."""
+    import papermill as pm
+
+    step, executed = nb.stem, layout.executed_notebook(nb.name)
+    log(f"[dem run] {step}: running")
+    t0 = time.perf_counter()
+    try:
+        run_notebook(nb, executed, params, layout.root, log=log, quiet=quiet)
+    except pm.PapermillExecutionError as err:
+        manifest["steps"][step] = {"key": None, "failed": True}
+        write_json(layout.manifest, manifest)
+        message = str(err.evalue).strip().splitlines()
+        first_line = (err.source or "").strip().splitlines()[:1]
+        raise DemError(
+            f"notebook {nb.name} failed in cell [{err.exec_count}]"
+            f"{f' ({first_line[0][:60]})' if first_line else ''}: {err.ename}: "
+            f"{message[0] if message else ''} (partly executed notebook kept at {executed})"
+        ) from None
+    wall = time.perf_counter() - t0
+    manifest["steps"][step] = {"key": key, "wall_s": round(wall, 2)}
+    write_json(layout.manifest, manifest)
+    log(f"[dem run] {step}: done in {wall:.1f} s")
