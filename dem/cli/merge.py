@@ -70,7 +70,10 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", metavar="merge.yaml", help="read the settings from a YAML file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_merge)
+    _add_vectors(sub)
 
+
+def _add_vectors(sub: argparse._SubParsersAction) -> None:
     v = sub.add_parser(
         "vectors",
         help="distribution vectors v = theta_model - theta_base",

@@ -36,7 +36,12 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     which.add_argument("--list", action="store_true",
                        help="list the chapters and the shipped parameter sets, then exit")  # fmt: skip
     p.set_defaults(func=_run)
+    _add_config(sub)
+    _add_seeds(sub)
+    _add_publish(sub)
 
+
+def _add_config(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "config",
         help="show every run setting: its value, the chapters that read it and why",
@@ -50,6 +55,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                    help="override one setting, as for dem run")  # fmt: skip
     p.set_defaults(func=_config)
 
+
+def _add_seeds(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "seeds",
         help="run the whole pipeline once per seed and report mean ± std",
@@ -64,6 +71,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", metavar="DIR", required=True, help="folder of the seed runs")
     p.set_defaults(func=_seeds)
 
+
+def _add_publish(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "publish",
         help="write a finished run's chapters as Markdown with their figures (for docs/)",
