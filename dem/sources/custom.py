@@ -43,8 +43,8 @@ def _field(row: dict[str, Any], key: str, where: str) -> Any:
     return row[key]
 
 
-def custom_source(spec: dict[str, Any]) -> Source:
-    """A source from a local file or a Hugging Face dataset, described by a dict."""
+def _check_spec(spec: dict[str, Any]) -> None:
+    """Refuse, naming the key, what a custom source's description gets wrong."""
     unknown = set(spec) - CUSTOM_KEYS
     if unknown:
         raise DemError(
@@ -67,6 +67,34 @@ def custom_source(spec: dict[str, Any]) -> Source:
         raise DemError(
             f"custom source: extractor {extractor!r} unknown; use one of {sorted(EXTRACTORS)}"
         )
+
+
+def _example(spec: dict[str, Any], row: dict[str, Any], where: str, name: str) -> Example:
+    """One row as an example: the prompt from the template, the response, answer, choices."""
+    try:
+        prompt = spec["prompt_template"].format(**row)
+    except KeyError as err:
+        raise DemError(
+            f"{where}: prompt_template needs field {err.args[0]!r}; fields are {sorted(row)}"
+        ) from None
+    except (IndexError, ValueError) as err:
+        raise DemError(f"custom source {name!r}: bad prompt_template ({err})") from None
+    response = str(_field(row, spec["response_field"], where))
+    raw_answer = (
+        str(_field(row, spec["answer_field"], where)) if spec.get("answer_field") else response
+    )
+    choices: tuple[str, ...] = ()
+    if spec.get("metric", "exact_match") == "choice":
+        raw = _field(row, spec["choices_field"], where)
+        choices = tuple(raw.split("\n") if isinstance(raw, str) else (str(c) for c in raw))
+        choices = tuple(c.strip() for c in choices if str(c).strip())
+    extract = EXTRACTORS[spec.get("extractor", "text")]
+    return Example(prompt, response, extract(raw_answer), choices)
+
+
+def custom_source(spec: dict[str, Any]) -> Source:
+    """A source from a local file or a Hugging Face dataset, described by a dict."""
+    _check_spec(spec)
     origin = str(spec.get("path") or spec.get("hf"))
     name = spec.get("name") or Path(origin).stem
 
@@ -81,36 +109,15 @@ def custom_source(spec: dict[str, Any]) -> Source:
         data = rows()
         if not data:
             raise DemError(f"custom source {name!r}: {origin} has no rows")
-        extract = EXTRACTORS[extractor]
         for i, row in enumerate(data, 1):
-            where = f"{origin} row {i}"
-            try:
-                prompt = spec["prompt_template"].format(**row)
-            except KeyError as err:
-                raise DemError(
-                    f"{where}: prompt_template needs field {err.args[0]!r}; fields are {sorted(row)}"
-                ) from None
-            except (IndexError, ValueError) as err:
-                raise DemError(f"custom source {name!r}: bad prompt_template ({err})") from None
-            response = str(_field(row, spec["response_field"], where))
-            raw_answer = (
-                str(_field(row, spec["answer_field"], where))
-                if spec.get("answer_field")
-                else response
-            )
-            choices: tuple[str, ...] = ()
-            if metric == "choice":
-                raw = _field(row, spec["choices_field"], where)
-                choices = tuple(raw.split("\n") if isinstance(raw, str) else (str(c) for c in raw))
-                choices = tuple(c.strip() for c in choices if str(c).strip())
-            yield Example(prompt, response, extract(raw_answer), choices)
+            yield _example(spec, row, f"{origin} row {i}", name)
 
     return Source(
         name=name,
         description=spec.get("description")
         or f"custom source from {origin} (split 80/10/10 by us)",
-        metric=metric,
+        metric=spec.get("metric", "exact_match"),
         max_new_tokens=int(spec.get("max_new_tokens", 64)),
-        extractor=extractor,
+        extractor=spec.get("extractor", "text"),
         make_examples=pooled(pool, repeat_train=False),
     )

@@ -73,7 +73,17 @@ def pretrain(
         max_position_embeddings=s.max_position_embeddings,
         seed=s.seed,
     )
-    world = accelerator.num_processes
+    data = _text_batches(tokenizer, corpus, s, accelerator.num_processes)
+    result = train_loop(model, tokenizer, work, settings=s, accelerator=accelerator,
+                        progress=progress, callback=callback, **data)  # fmt: skip
+    with transformers_bars(progress):
+        complete(result, tokenizer, work, out, record)
+    accelerator.wait_for_everyone()
+    return out
+
+
+def _text_batches(tokenizer: Any, corpus: Any, s: PretrainSettings, world: int) -> dict:
+    """Packed training blocks with their order, and the validation batches, of ``corpus``."""
     n_blocks = s.steps * s.batch_size * world
     # ~10% more text than needed, so the packed blocks cover the run without repeats.
     train_text = corpus.pretraining_text(int(n_blocks * s.seq_len * 1.1), s.seed)
@@ -90,19 +100,4 @@ def pretrain(
             for i in range(0, len(val_blocks), s.batch_size)
         ]
     }
-    result = train_loop(
-        model,
-        tokenizer,
-        work,
-        settings=s,
-        schedule=schedule,
-        encoded={"text": train_blocks},
-        val_batches=val_batches,
-        accelerator=accelerator,
-        progress=progress,
-        callback=callback,
-    )
-    with transformers_bars(progress):
-        complete(result, tokenizer, work, out, record)
-    accelerator.wait_for_everyone()
-    return out
+    return {"schedule": schedule, "encoded": {"text": train_blocks}, "val_batches": val_batches}
