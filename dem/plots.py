@@ -134,26 +134,47 @@ def landscape(trials: pd.DataFrame, x: str, y: str, value: str = "objective") ->
 
 
 def grouped_bars(scores: pd.DataFrame) -> plt.Figure:
-    """Test score per method and source (columns: method, source, score)."""
-    fig, ax = plt.subplots(figsize=(10, 4))
-    sns.barplot(data=scores, x="method", y="score", hue="source", ax=ax)
-    ax.set(title="Test score by method and source", xlabel="", ylim=(0, 1))
-    ax.tick_params(axis="x", rotation=35)
+    """Test score per method and source (columns: method, source, score): one row of bars per
+    method, so long method names read horizontally and never overlap."""
+    n_methods = scores["method"].nunique()
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.42 * n_methods))
+    sns.barplot(data=scores, y="method", x="score", hue="source", orient="h", ax=ax)
+    ax.set(title="Test score by method and source", ylabel="", xlim=(0, 1))
     ax.legend(bbox_to_anchor=(1.01, 1), loc="upper left")
     return fig
 
 
+def _spread(values: list[float], gap: float) -> list[float]:
+    """Label positions near ``values`` (sorted ascending) at least ``gap`` apart.
+
+    Hand-written: a one-dimensional version of what label-repel packages do, for the few
+    labels that share one x in the cost plot (the merges all cost the K fine-tunes).
+    """
+    placed: list[float] = []
+    for v in values:
+        placed.append(max(v, placed[-1] + gap) if placed else v)
+    shift = (placed[-1] - values[-1]) / 2 if placed else 0.0  # centre the stack on the points
+    return [p - shift for p in placed]
+
+
 def cost_vs_quality(summary: pd.DataFrame) -> plt.Figure:
-    """Average test score against training tokens (columns: method, train_tokens, average)."""
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    sns.scatterplot(data=summary, x="train_tokens", y="average", hue="method", s=80, ax=ax)
-    for row in summary.itertuples():
+    """Average test score against training tokens (columns: method, train_tokens, average).
+
+    The labels stand in one column right of the points, ordered by score and spaced so that
+    none overlap (the merges all share one cost), each joined to its point by a thin line."""
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    sns.scatterplot(data=summary, x="train_tokens", y="average", hue="method", s=70, ax=ax)
+    ordered = summary.sort_values("average", kind="stable")
+    span = max(float(ordered["average"].iloc[-1] - ordered["average"].iloc[0]), 0.05)
+    column = float(summary["train_tokens"].max()) * 3
+    for row, y in zip(ordered.itertuples(), _spread(list(ordered.average), span / 20), strict=True):
         ax.annotate(
             row.method,
-            (row.train_tokens, row.average),
+            (max(row.train_tokens, 1), row.average),
+            xytext=(column, y),
             fontsize=8,
-            xytext=(4, 4),
-            textcoords="offset points",
+            va="center",
+            arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.6"},
         )
     ax.set(
         xscale="log",

@@ -20,6 +20,7 @@ from dem.layout import RunLayout
 
 def publish(run_dir: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
     """Write the run's chapters as Markdown into ``out`` (replaced only with ``overwrite``)."""
+    import nbformat
     from nbconvert import MarkdownExporter
 
     layout = RunLayout(Path(run_dir))
@@ -34,10 +35,11 @@ def publish(run_dir: str | Path, out: str | Path, *, overwrite: bool = False) ->
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         chapters = []
         for notebook in executed:
-            body, resources = exporter.from_filename(
-                str(notebook), resources={"output_files_dir": f"{notebook.stem}_files"}
+            nb = _markdown_tables(nbformat.read(notebook, as_version=4))
+            body, resources = exporter.from_notebook_node(
+                nb, resources={"output_files_dir": f"{notebook.stem}_files"}
             )
-            (tmp / f"{notebook.stem}.md").write_text(body)
+            (tmp / f"{notebook.stem}.md").write_text(_relative_paths(body, layout.root))
             for name, data in resources.get("outputs", {}).items():
                 target = tmp / name
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -46,6 +48,23 @@ def publish(run_dir: str | Path, out: str | Path, *, overwrite: bool = False) ->
         shutil.copy2(layout.metrics, tmp / "metrics.json")
         (tmp / "README.md").write_text(_index(manifest, chapters))
     return out
+
+
+def _markdown_tables(nb):
+    """Keep a table's Markdown form where the chapter gave one (dem.notebook shows DataFrames
+    as Markdown too), so the page holds Markdown tables, not HTML with its <style> block."""
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            data = output.get("data", {})
+            if "text/markdown" in data:
+                data.pop("text/html", None)
+    return nb
+
+
+def _relative_paths(text: str, root: Path) -> str:
+    """Paths inside the run folder relative to it: a published page names no machine's path."""
+    root = str(root.resolve())
+    return text.replace(root + "/", "").replace(root, ".")
 
 
 def _index(manifest: dict, chapters: list[str]) -> str:

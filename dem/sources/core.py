@@ -178,9 +178,14 @@ def _pool_split(
         return [items[i % len(items)] for i in range(n)]
     warnings.warn(
         f"source {name!r}: split {split!r} has {len(items)} distinct examples; asked for {n}",
+        SmallSplitWarning,
         stacklevel=3,
     )
     return items
+
+
+class SmallSplitWarning(UserWarning):
+    """A finite pool holds fewer distinct examples for a split than were asked for."""
 
 
 # --- making a split: from a generator or from a finite pool ----------------------------------
