@@ -4,10 +4,11 @@ Each field is one setting with its type, its default and a one-line why; the def
 embedded default (``notebooks/params/default.yaml`` adds nothing to them). Everything else is
 derived from this list:
 
-- the chapters' ``parameters`` cells (``python -m dem.config --sync-notebooks`` writes them from
-  the fields each chapter declares; ``tests/test_config.py`` checks that they agree);
-- the parameter files: each lists only what it changes, and :func:`load_config` refuses an
-  unknown key, a value of the wrong type or outside its choices, naming the file and the key;
+- the chapters' ``parameters`` cells (``python -m dem.config_files`` writes them from the
+  fields each chapter declares; ``tests/test_config.py`` checks that they agree);
+- the parameter files: each lists only what it changes, and :func:`make_config` (through
+  :func:`dem.config_files.load_config`) refuses an unknown key, a value of the wrong type or
+  outside its choices, naming the file and the key;
 - ``dem run --set KEY=VALUE`` and ``dem config``, which shows every setting with its why;
 - :meth:`dem.notebook.setup`, which checks the values a chapter was run with.
 
@@ -16,8 +17,7 @@ Nothing here imports torch, so the command line can read it cheaply.
 
 from __future__ import annotations
 
-import math
-import sys
+import copy
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -25,46 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from dem import DemError
+from dem.checks import at_least, device_name, fraction, is_number, one_of, problem
 
 ALL = ("01", "02", "03", "04", "05", "06")
 TRAINING = ("02", "05", "06")  # the chapters that train (06: the swap's new fine-tune)
 CORPORA = ("generic", "knowledge")
 SELECT_METRICS = ("accuracy", "loss")
-DEVICES = ("auto", "cpu", "cuda", "mps")
-
-
-def _at_least(low: float, *, above: bool = False) -> Callable[[Any], str | None]:
-    def check(value: Any) -> str | None:
-        if value < low or (above and value == low):
-            return f"a number {'>' if above else '>='} {low:g}"
-        return None
-
-    return check
-
-
-def _fraction(*, open_high: bool) -> Callable[[Any], str | None]:
-    def check(value: Any) -> str | None:
-        if not 0 <= value <= 1 or (open_high and value == 1) or not math.isfinite(value):
-            return f"a number in [0, 1{')' if open_high else ']'}"
-        return None
-
-    return check
-
-
-def _one_of(choices: Callable[[], tuple] | tuple) -> Callable[[Any], str | None]:
-    def check(value: Any) -> str | None:
-        known = choices() if callable(choices) else choices
-        values = value if isinstance(value, list) else [value]
-        bad = [v for v in values if v not in known]
-        return f"one of {', '.join(map(str, known))}" if bad else None
-
-    return check
-
-
-def _device(value: str) -> str | None:
-    if value.split(":")[0] not in DEVICES:
-        return f"one of {', '.join(DEVICES)} (or cuda:N)"
-    return None
 
 
 def _strategies() -> tuple:
@@ -94,16 +60,8 @@ def setting(
     """
     meta = {"help": help, "chapters": chapters, "check": check}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: _copy(default), metadata=meta)
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
     return field(default=default, metadata=meta)
-
-
-def _copy(value: Any) -> Any:
-    if isinstance(value, list):
-        return [_copy(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _copy(v) for k, v in value.items()}
-    return value
 
 
 @dataclass(frozen=True)
@@ -122,7 +80,7 @@ class RunConfig:
         "`dem run` sets it",
     )
     seed: int = setting(
-        0, "seeds every generator, split, initialisation and data order", check=_at_least(0)
+        0, "seeds every generator, split, initialisation and data order", check=at_least(0)
     )
     # --- data -----------------------------------------------------------------------------
     sources: list[str | dict] = setting(
@@ -136,14 +94,14 @@ class RunConfig:
     n_train: int = setting(
         2000,
         "training examples per source (built-in sources generate exactly this many)",
-        check=_at_least(1),
+        check=at_least(1),
     )
     n_validation: int = setting(
         200,
         "validation examples per source: they choose weights, ratios and λs",
-        check=_at_least(1),
+        check=at_least(1),
     )
-    n_test: int = setting(200, "test examples per source: they only report", check=_at_least(1))
+    n_test: int = setting(200, "test examples per source: they only report", check=at_least(1))
     # --- the base -------------------------------------------------------------------------
     base_model: str = setting(
         "dem:tiny-knowledge",
@@ -156,23 +114,25 @@ class RunConfig:
     max_length: int = setting(
         128,
         "tokens per example (prompt + response); longer ones are counted and reported",
-        check=_at_least(1),
+        check=at_least(1),
     )
     max_new_tokens: int = setting(
-        0, "cap on generated tokens per answer (0: each source's own budget)", check=_at_least(0)
+        0, "cap on generated tokens per answer (0: each source's own budget)", check=at_least(0)
     )
-    device: str = setting("auto", "auto picks cuda, then mps, then cpu; or name one", check=_device)
+    device: str = setting(
+        "auto", "auto picks cuda, then mps, then cpu; or name one", check=device_name
+    )
     pretrain_steps: int = setting(
         600,
         "steps of pretraining for the tiny base (only with an empty base_model)",
         chapters=("02",),
-        check=_at_least(1),
+        check=at_least(1),
     )
     pretrain_corpus: str = setting(
         "generic",
         "its text: generic (prose only) or knowledge (the sources' knowledge, not their formats)",
         chapters=("02",),
-        check=_one_of(CORPORA),
+        check=one_of(CORPORA),
     )
     # --- fine-tuning (chapter 02; DMix in 05 and the swap in 06 train the same way) ---------
     # Chosen with benchmarks/probe_regime.py on a base pretrained like dem:tiny-knowledge
@@ -183,7 +143,7 @@ class RunConfig:
         200,
         "optimizer steps per source (times batch 16: 3.2k examples)",
         chapters=TRAINING,
-        check=_at_least(1),
+        check=at_least(1),
     )
     source_steps: dict[str, int] = setting(
         {},
@@ -194,42 +154,42 @@ class RunConfig:
         16,
         "examples per optimizer step (chapter 01 measures padding at this size)",
         chapters=("01", *TRAINING),
-        check=_at_least(1),
+        check=at_least(1),
     )
     learning_rate: float = setting(
         2e-4,
         "peak AdamW learning rate (warmup, then cosine decay)",
         chapters=TRAINING,
-        check=_at_least(0, above=True),
+        check=at_least(0, above=True),
     )
-    warmup_steps: int = setting(20, "linear warmup steps", chapters=TRAINING, check=_at_least(0))
+    warmup_steps: int = setting(20, "linear warmup steps", chapters=TRAINING, check=at_least(0))
     grad_accum: int = setting(
-        1, "gradient accumulation steps", chapters=TRAINING, check=_at_least(1)
+        1, "gradient accumulation steps", chapters=TRAINING, check=at_least(1)
     )
     eval_every: int = setting(
         100,
         "validation loss (logged only, no weight changes) and a checkpoint every N steps",
         chapters=TRAINING,
-        check=_at_least(1),
+        check=at_least(1),
     )
     lora_r: int = setting(
         0,
         "LoRA rank through peft, adapters merged before saving; 0 means full fine-tuning",
         chapters=TRAINING,
-        check=_at_least(0),
+        check=at_least(0),
     )
     # --- evaluation -----------------------------------------------------------------------
     eval_max_examples: int = setting(
         100,
         "test examples scored per source (0: all); 100 gives ±5 points of binomial noise",
         chapters=("02", "04", "05", "06"),
-        check=_at_least(0),
+        check=at_least(0),
     )
     eval_batch_size: int = setting(
         64,
         "sequences per evaluation batch",
         chapters=("02", "03", "04", "05", "06"),
-        check=_at_least(1),
+        check=at_least(1),
     )
     # --- distribution vectors (chapter 03) --------------------------------------------------
     path_points: list[float] = setting(
@@ -241,15 +201,15 @@ class RunConfig:
         50,
         "validation examples per source scored at each point (0: all)",
         chapters=("03",),
-        check=_at_least(0),
+        check=at_least(0),
     )
     # --- the weight search (chapter 04; 06 searches again after the swap) ------------------
     search_strategy: str = setting(
         "grid",
-        "grid (the paper's), random or coordinate; the gradient search runs beside it "
-        "(chapter 04, section 5)",
+        "grid (the paper's), random, coordinate or tpe; the gradient, AdaMerging and TPE "
+        "searches run beside it (chapter 04, section 5)",
         chapters=("04", "06"),
-        check=_one_of(_strategies),
+        check=one_of(_strategies),
     )
     search_values: list[float] = setting(
         [0.0, 0.5, 1.0],
@@ -258,26 +218,29 @@ class RunConfig:
         chapters=("04", "06"),
     )
     search_trials: int = setting(
-        32, "candidates drawn by the random strategy", chapters=("04", "06"), check=_at_least(1)
+        32,
+        "candidates of the random strategy (and of tpe when it is search_strategy)",
+        chapters=("04", "06"),
+        check=at_least(1),
     )
     select_metric: str = setting(
         "accuracy",
         "the one validation metric that chooses DEM's weights, every λ and the DMix ratio",
         chapters=("04", "05", "06"),
-        check=_one_of(SELECT_METRICS),
+        check=one_of(SELECT_METRICS),
     )
     search_max_examples: int = setting(
         50,
         "validation examples per source scoring each candidate (0: all); the next 50 are the "
         "gradient search's fit set",
         chapters=("04", "06"),
-        check=_at_least(0),
+        check=at_least(0),
     )
     gradient_steps: int = setting(
         50,
         "Adam steps of the gradient weight searches (section 5)",
         chapters=("04",),
-        check=_at_least(1),
+        check=at_least(1),
     )
     # 8, 5 and 0.05: on the default the selection loss crosses the grid's best by step 3-5
     # and falls fastest in the first 10 steps (benchmarks/bench_weight_search.py).
@@ -285,19 +248,40 @@ class RunConfig:
         8,
         "fit examples per source in each step's forward and backward pass",
         chapters=("04",),
-        check=_at_least(1),
+        check=at_least(1),
     )
     gradient_select_every: int = setting(
         5,
         "the descent's point is scored every this many steps (and its start and end)",
         chapters=("04",),
-        check=_at_least(1),
+        check=at_least(1),
     )
     gradient_lr: float = setting(
         0.05,
         "their step size; weights stay in [0, 1.5]",
         chapters=("04",),
-        check=_at_least(0, above=True),
+        check=at_least(0, above=True),
+    )
+    # ADAMERGING_MEASUREMENT
+    adamerging_steps: int = setting(
+        500,
+        "Adam steps of the AdaMerging-style per-layer search (section 5), as AdaMerging trains "
+        "its coefficients; scored every tenth of them",
+        chapters=("04",),
+        check=at_least(1),
+    )
+    adamerging_lr: float = setting(
+        3e-3,
+        "its step size; weights start at 0.3 (the paper's init) and stay in [0, 1]",
+        chapters=("04",),
+        check=at_least(0, above=True),
+    )
+    tpe_trials: int = setting(
+        0,
+        "candidates Optuna's TPE sampler scores, the individuals among them (section 5); 0: as "
+        "many as the grid of search_values",
+        chapters=("04",),
+        check=at_least(0),
     )
     # --- the merging baselines (chapter 04) -----------------------------------------------
     lambdas: list[float] = setting(
@@ -309,19 +293,19 @@ class RunConfig:
         0.2,
         "fraction of each vector's entries TIES keeps (by magnitude)",
         chapters=("04",),
-        check=_fraction(open_high=False),
+        check=fraction(open_high=False),
     )
     dare_drop_prob: float = setting(
         0.5,
         "probability DARE drops each entry (survivors rescaled by 1/(1-p))",
         chapters=("04",),
-        check=_fraction(open_high=True),
+        check=fraction(open_high=True),
     )
     more_merges: list[str] = setting(
         ["breadcrumbs", "della", "model_stock"],
         "further baselines of `dem merge`, each at its defaults (section 4)",
         chapters=("04",),
-        check=_one_of(_merge_methods),
+        check=one_of(_merge_methods),
     )
     landscape: list[str] = setting(
         ["word_edit", "facts"],
@@ -338,12 +322,18 @@ class RunConfig:
         0,
         "steps per DMix run; 0 means the steps of all fine-tunes together, the budget of DEM",
         chapters=("05",),
-        check=_at_least(0),
+        check=at_least(0),
     )
     dmix_grid: list[list[float]] = setting(
         [[1, 1, 1, 1], [2, 1, 1, 1], [1, 2, 1, 1]],
         "mixture ratios, one list per run, in `sources` order; the first is uniform; each "
         "run has DEM's total budget",
+        chapters=("05",),
+    )
+    dmix_dem_guided: bool = setting(
+        True,
+        "one more DMix run, at the ratio DEM's chosen weights imply (normalized), beside the "
+        "ratio search: what DEM's weights are worth as a mixture",
         chapters=("05",),
     )
     # --- the swap experiment (chapter 06) -------------------------------------------------
@@ -366,7 +356,7 @@ class RunConfig:
         return [f.name for f in fields(cls) if chapter is None or chapter in f.metadata["chapters"]]
 
     def to_dict(self, chapter: str | None = None) -> dict[str, Any]:
-        return {name: _copy(getattr(self, name)) for name in self.names(chapter)}
+        return {name: copy.deepcopy(getattr(self, name)) for name in self.names(chapter)}
 
     def changes(self) -> dict[str, Any]:
         """The settings that differ from the defaults (what a parameter file would list)."""
@@ -378,75 +368,22 @@ class RunConfig:
 RESERVED = ("run_dir",)
 
 
-def _types() -> dict[str, Any]:
+def setting_types() -> dict[str, Any]:
     return typing.get_type_hints(RunConfig)
-
-
-def _conforms(value: Any, kind: Any) -> bool:
-    """Whether ``value`` (as YAML or a notebook gives it) has the declared type ``kind``.
-
-    Hand-written because the types here are few and plain, and a validation library would be a
-    dependency for twenty lines; ints are accepted where floats are expected (YAML's ``1``).
-    """
-    origin, args = typing.get_origin(kind), typing.get_args(kind)
-    if kind is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if kind in (str, bool, dict, list):
-        return isinstance(value, kind)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        return any(_conforms(value, a) for a in args)
-    if origin is list:
-        return isinstance(value, list) and all(_conforms(v, args[0]) for v in value)
-    if origin is dict:
-        return isinstance(value, dict) and all(
-            _conforms(k, args[0]) and _conforms(v, args[1]) for k, v in value.items()
-        )
-    raise TypeError(f"RunConfig declares a type _conforms does not know: {kind}")
-
-
-def _type_name(kind: Any) -> str:
-    origin, args = typing.get_origin(kind), typing.get_args(kind)
-    if origin is list:
-        return f"a list of {_type_name(args[0])}"
-    if origin is dict:
-        return f"a mapping of {_type_name(args[0])} to {_type_name(args[1])}"
-    if args:
-        return " or ".join(_type_name(a) for a in args)
-    return {
-        int: "an integer",
-        float: "a number",
-        str: "a string",
-        bool: "true or false",
-        dict: "a mapping",
-    }.get(kind, kind.__name__)
 
 
 def _problem(f, value: Any) -> str | None:
     """What ``value`` should have been for field ``f``, or None when it is acceptable."""
-    kind = _types()[f.name]
-    if not _conforms(value, kind):
-        return _type_name(kind)
-    check = f.metadata["check"]
-    return check(value) if check else None
+    return problem(setting_types()[f.name], f.metadata["check"], value)
 
 
 def _coerced(config: RunConfig) -> RunConfig:
     """Floats where floats are declared (YAML reads ``1`` as an int)."""
-    types = _types()
+    types = setting_types()
     changes = {
         n: float(v) for n, v in config.to_dict().items() if types[n] is float and isinstance(v, int)
     }
     return config if not changes else RunConfig(**{**config.to_dict(), **changes})
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def make_config(values: Mapping[str, Any], where: str = "parameters") -> RunConfig:
@@ -467,131 +404,12 @@ def make_config(values: Mapping[str, Any], where: str = "parameters") -> RunConf
         problem = _problem(f, value)
         if problem:
             hint = ""
-            if isinstance(value, str) and _is_number(value):
+            if isinstance(value, str) and is_number(value):
                 hint = " (YAML reads 1e-3 as text: write 1.0e-3)"
             raise DemError(f"{where}: {key} must be {problem}, got {value!r}{hint}")
     return _coerced(RunConfig(**values))
 
 
-def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> RunConfig:
-    """The settings a parameter file gives (each key a change to the defaults), then
-    ``overrides`` (``dem run --set``, ``--seed``), validated before anything runs."""
-    import yaml
-
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise DemError(f"parameter file {path}: cannot be read ({err.strerror})") from None
-    try:
-        values = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        first = str(err).splitlines()[0]
-        raise DemError(f"parameter file {path}: not valid YAML ({first})") from None
-    values = {} if values is None else values
-    if not isinstance(values, dict):
-        raise DemError(
-            f"parameter file {path}: expected a mapping of setting: value, "
-            f"got {type(values).__name__}"
-        )
-    reserved = [k for k in RESERVED if k in values]
-    if reserved:
-        raise DemError(f"parameter file {path}: {reserved[0]} is set by dem run itself (use --out)")
-    config = make_config(values, where=f"parameter file {path}")
-    if not overrides:
-        return config
-    return make_config({**config.changes(), **overrides}, where="--set")
-
-
-def parse_assignment(text: str) -> tuple[str, Any]:
-    """``KEY=VALUE`` of ``dem run --set`` (VALUE read as YAML: ``[0, 1]``, ``2e-4``, ``''``)."""
-    import yaml
-
-    key, sep, raw = text.partition("=")
-    if not sep or not key:
-        raise DemError(f"--set {text!r}: expected KEY=VALUE")
-    try:
-        return key.strip(), yaml.safe_load(raw)
-    except yaml.YAMLError:
-        raise DemError(f"--set {text!r}: the value is not valid YAML") from None
-
-
-# ------------------------------------------------------------------------------------------------
-# The chapters' parameters cells, written from the declaration
-# ------------------------------------------------------------------------------------------------
-
-
-def _literal(value: Any) -> str:
-    """A Python literal as ruff would format it (double quotes)."""
-    import json
-
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
-    if isinstance(value, bool) or value is None:
-        return repr(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_literal(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{_literal(k)}: {_literal(v)}" for k, v in value.items()) + "}"
-    return repr(value)
-
-
-def _cell_type(kind: Any) -> str:
-    """The annotation papermill reads: the plain builtin (``list`` for ``list[str]``)."""
-    return (typing.get_origin(kind) or kind).__name__
-
-
-def parameters_cell(chapter: str) -> str:
-    """The source of chapter ``chapter``'s papermill parameters cell."""
-    default, types = RunConfig(), _types()
-    lines = []
-    for f in fields(RunConfig):
-        if chapter in f.metadata["chapters"]:
-            value = _literal(getattr(default, f.name))
-            lines.append(f"{f.name}: {_cell_type(types[f.name])} = {value}  # {f.metadata['help']}")
-    return "\n".join(lines)
-
-
 def chapter_of(notebook: Path) -> str:
+    """A chapter's number from its notebook's name (``04_weighted_merging.ipynb`` -> ``"04"``)."""
     return notebook.name[:2]
-
-
-def sync_notebooks(folder: Path, *, check: bool = False) -> list[Path]:
-    """Write each chapter's parameters cell from the declaration; the notebooks changed (or,
-    with ``check``, that would change)."""
-    import nbformat
-
-    changed = []
-    for path in sorted(folder.glob("[0-9][0-9]_*.ipynb")):
-        chapter = chapter_of(path)
-        if chapter not in ALL:
-            continue
-        nb = nbformat.read(path, as_version=4)
-        cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
-        wanted = parameters_cell(chapter)
-        if cell.source != wanted:
-            changed.append(path)
-            if not check:
-                cell.source = wanted
-                nbformat.write(nb, path)
-    return changed
-
-
-def describe() -> str:
-    """Every setting with its default, the chapters that read it and its why (``dem config``)."""
-    default, rows = RunConfig(), []
-    for f in fields(RunConfig):
-        rows.append(
-            f"{f.name} = {_literal(getattr(default, f.name))}\n"
-            f"    {f.metadata['help']} [chapters {', '.join(f.metadata['chapters'])}]"
-        )
-    return "\n".join(rows)
-
-
-if __name__ == "__main__":
-    from dem import resources
-
-    stale = sync_notebooks(resources.NOTEBOOKS, check="--check" in sys.argv)
-    for path in stale:
-        print(f"{'stale' if '--check' in sys.argv else 'written'}: {path}")
-    raise SystemExit(1 if stale and "--check" in sys.argv else 0)

@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 from dem import DemError, resources
-from dem.config import chapter_of, load_config
+from dem.config import chapter_of
+from dem.config_files import load_config
 from dem.execute import run_notebook
 from dem.io import write_json
 from dem.layout import RunLayout

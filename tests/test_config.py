@@ -16,7 +16,8 @@ import yaml
 
 from dem import DemError
 from dem.cli import main
-from dem.config import ALL, RunConfig, load_config, make_config, parameters_cell
+from dem.config import ALL, RunConfig, make_config
+from dem.config_files import load_config, parameters_cell
 from dem.notebook import resolve_run_dir, setup
 from dem.pipeline import NOTEBOOKS, PARAMS, notebooks
 
@@ -33,7 +34,7 @@ def test_each_chapters_parameters_cell_is_the_declaration(path):
         assert ast.literal_eval(spec["default"]) == getattr(default, name), name
     cell = next(c for c in json.loads(path.read_text())["cells"]
                 if "parameters" in c["metadata"].get("tags", []))  # fmt: skip
-    assert "".join(cell["source"]) == parameters_cell(chapter), "python -m dem.config"
+    assert "".join(cell["source"]) == parameters_cell(chapter), "python -m dem.config_files"
 
 
 def test_the_default_parameter_set_changes_nothing_and_the_others_list_only_changes():

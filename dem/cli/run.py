@@ -87,7 +87,7 @@ def _add_publish(sub: argparse._SubParsersAction) -> None:
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    from dem.config import parse_assignment
+    from dem.config_files import parse_assignment
 
     overrides = dict(parse_assignment(text) for text in args.settings)
     if getattr(args, "seed", None) is not None:
@@ -98,12 +98,12 @@ def _overrides(args: argparse.Namespace) -> dict:
 def _config(args: argparse.Namespace) -> int:
     import yaml
 
-    from dem import config, pipeline
+    from dem import config_files, pipeline
 
     if not args.params and not args.settings:
-        print(config.describe())
+        print(config_files.describe())
         return 0
-    chosen = config.load_config(pipeline.resolve_params(args.params), _overrides(args))
+    chosen = config_files.load_config(pipeline.resolve_params(args.params), _overrides(args))
     print(yaml.safe_dump({"changes": chosen.changes(), "settings": chosen.to_dict()},
                          sort_keys=False, allow_unicode=True), end="")  # fmt: skip
     return 0
