@@ -25,6 +25,7 @@ from dem.baselines import (  # noqa: F401 (chapter 04)
 )
 from dem.ensemble import ensemble_search, evaluate_ensemble, load_members  # noqa: F401 (chapter 04)
 from dem.evaluate import evaluate
+from dem.results import evaluate_folders
 from dem.safetensors_io import WeightFolder
 from dem.search import MINIMIZE, InMemoryMerge, best_weights, search_weights, validation_scorer
 from dem.training.finetune import finetune
@@ -203,6 +204,27 @@ def dem_guided_mixture(dem_weights: Mapping[str, float]) -> dict[str, float] | N
         return None
     kept = normalize_mixture(dem_weights)
     return {name: kept.get(name, 0.0) for name in dem_weights}
+
+
+GUIDED = "dmix_dem_guided"  # the DMix run at DEM's ratio: its model folder and method name
+
+
+def dem_guided_dmix(
+    run: Run, dem_weights: Mapping[str, float], *, settings: FinetuneSettings, **evaluation
+) -> tuple[dict, dict, pd.DataFrame] | None:
+    """Chapter 05's one DMix run at the ratio DEM's chosen weights imply, with ``settings`` (the
+    budget of every DMix run): its mixture, its training cost and its test table (model
+    ``dmix_dem_guided``); None when DEM chose every weight 0."""
+    mixture = dem_guided_mixture(dem_weights)
+    if mixture is None:
+        return None
+    folder = run.layout.dmix_model(GUIDED)
+    cost = finetune(run.layout.base, folder, mixture=mixture, settings=settings,
+                    source_kwargs=run.source_kwargs, custom_sources=run.custom_sources,
+                    replace=True)  # fmt: skip
+    test = evaluate_folders({GUIDED: folder}, run.eval_sources, "test",
+                            metrics=("loss", "accuracy"), **evaluation)  # fmt: skip
+    return mixture, cost, test
 
 
 # --- chapter 06: swap one source -----------------------------------------------------------------

@@ -283,6 +283,15 @@ def build_metrics(results: ChapterResults, names: Sequence[str], composite: str 
     }
 
 
+def method_summary(layout: RunLayout, names: Sequence[str], methods: Sequence[str]) -> pd.DataFrame:
+    """Some methods' mean test accuracy and training cost, counted as chapter 06 counts them
+    (:func:`build_metrics` on what the chapters so far wrote)."""
+    table = metrics_table(build_metrics(ChapterResults.load(layout), names))
+    return table.loc[
+        [m for m in methods if m in table.index], ["average", "train_tokens", "wall_s"]
+    ]
+
+
 def scores_by_method(results: ChapterResults, metrics: Mapping) -> pd.DataFrame:
     """Test accuracy per method and source, long (method, source, score), for the bar chart."""
     methods, names = list(metrics["methods"]), metrics["sources"]
