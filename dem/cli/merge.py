@@ -118,7 +118,7 @@ _METHOD_ROWS = "\n".join(
 )
 _MERGE_EPILOG = f"""\
 methods (θ0 = base, v_i = θ_i − θ0, w_i = the model's weight; * = a statistics pass over each
-tensor first; each method's exact conventions are in the README and dem/methods.py):
+tensor first; each method's exact conventions are in docs/reference.md and dem/methods.py):
 {_METHOD_ROWS}
 
 {
