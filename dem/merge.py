@@ -32,6 +32,7 @@ from dem.merge_io import (
 )
 from dem.merge_steps import TensorState
 from dem.methods import Method, check_weights, get_method, resolve_params, tensor_generator
+from dem.model_card import write_card
 from dem.safetensors_io import DTYPES, ShardedWriter, WeightFolder, _nbytes
 
 Tensor = torch.Tensor
@@ -71,7 +72,7 @@ def merge(
     ``seed=1``; see :data:`dem.methods.METHODS`), defaults filled in. Arithmetic is in
     ``compute_dtype``; each tensor is cast to ``dtype`` (default: the base's dtype for that
     tensor). Integer and bool tensors are copied from the base. ``out`` appears only when
-    complete, with ``dem_merge.json``.
+    complete, with ``dem_merge.json`` and a model card (``README.md``) stating the recipe.
     """
     # Element-wise arithmetic here is memory-bound: a second torch thread only competes with the
     # hashing thread (measured on 2 cores: 10.5 s with one thread, 14.8 s with two).
@@ -135,6 +136,7 @@ def _merge(base, models, out, *, method, dtype, overwrite, compute_dtype, progre
             record = merge_record(method, params, base_weights, inputs, out_dtype or "as base",
                                   compute_dtype, time.time() - started)  # fmt: skip
             write_json(tmp / MERGE_RECORD, record)
+            write_card(tmp)  # README.md with the recipe, from the record just written
     finally:
         for folder in folders:  # also on errors: unmap files, stop hashing
             folder.close()

@@ -1,10 +1,11 @@
 """Run folders: the "same run?" decision, the training record, and finishing a run.
 
 A run is built in ``<out>.partial/`` and renamed to ``<out>/`` only when complete, so a
-finished folder is always an ordinary Hugging Face model folder plus ``train_log.csv``,
-``cost.json`` and ``dem_train.json`` (the record: parameters and provenance). The record's
-``parameters`` decide what a folder holds: the same parameters are the same run (a finished
-one is reused, an unfinished one resumed), other parameters are another run.
+finished folder is always an ordinary Hugging Face model folder (with its model card,
+``README.md``) plus ``train_log.csv``, ``cost.json`` and ``dem_train.json`` (the record:
+parameters and provenance). The record's ``parameters`` decide what a folder holds: the same
+parameters are the same run (a finished one is reused, an unfinished one resumed), other
+parameters are another run.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 
 from dem import DemError
 from dem.io import write_json, write_text
+from dem.model_card import write_card
 from dem.provenance import provenance
 
 CHECKPOINT = "checkpoint"  # the subfolder of <out>.partial an interrupted run resumes from
@@ -170,6 +172,7 @@ def complete(result: dict, tokenizer: Any, work: Path, out: Path, record: dict) 
         result["final_val_loss"] = final_val
         write_record(work / "cost.json", result)
         write_record(work / RECORD, {**record, "status": "finished"})
+        write_card(work)  # README.md from the records just written, before the rename
         finish_run(work, out)
     return result
 
