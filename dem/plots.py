@@ -15,6 +15,7 @@ if not os.environ.get("MPLBACKEND") and not os.environ.get("DISPLAY"):
     matplotlib.use("agg")  # headless (papermill, CI): render to files only
 
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
@@ -182,5 +183,60 @@ def cost_vs_quality(summary: pd.DataFrame) -> plt.Figure:
         ylabel="average test score",
         title="Cost vs quality",
     )
+    ax.set_xlim(right=column * 12)
     ax.legend([], frameon=False)
     return fig
+
+
+def gap_vs_params(gap_table: pd.DataFrame, fit_table: pd.DataFrame) -> plt.Figure:
+    """DMix − DEM accuracy gap against base parameters (log), one panel per budget and kind:
+    every seed as a dot, mean ± sd per base, the fitted line over the measured sizes and,
+    dashed, its extension to where it reaches 0 (an extrapolation, its interval as a bar).
+    Columns as :func:`dem.scale.gaps` and :func:`dem.scale.fits` return them."""
+    from dem.scale import panels, spread
+
+    chosen = panels(gap_table)
+    fig, axes = plt.subplots(1, len(chosen), figsize=(5.2 * len(chosen), 4), squeeze=False,
+                             sharey=True)  # fmt: skip
+    colors = dict(zip(dict.fromkeys(gap_table.gap), sns.color_palette(n_colors=2), strict=False))
+    summary = spread(gap_table)
+    for ax, (budget, kind) in zip(axes[0], chosen, strict=True):
+        for gap, color in colors.items():
+            dots = gap_table[(gap_table.budget == budget) & (gap_table.kind == kind)
+                             & (gap_table.gap == gap)]  # fmt: skip
+            ax.scatter(dots.params, dots.value, color=color, alpha=0.35, s=18)
+            mean = summary[
+                (summary.budget == budget) & (summary.kind == kind) & (summary.gap == gap)
+            ]
+            ax.errorbar(mean.params, mean["mean"], yerr=mean.sd.fillna(0), color=color, marker="o",
+                        linestyle="none", capsize=3, label=gap)  # fmt: skip
+            fit = fit_table[(fit_table.budget == budget) & (fit_table.kind == kind)
+                            & (fit_table.gap == gap)] if len(fit_table) else fit_table  # fmt: skip
+            for row in fit.itertuples():
+                _fit_line(ax, row, color)
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set(xscale="log", xlabel="base parameters (log)", title=f"budget {budget:g}×S, {kind}")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    axes[0, 0].set_ylabel("DMix uniform − DEM (test accuracy, fraction)")
+    axes[0, -1].legend(loc="best", fontsize=8)
+    return fig
+
+
+def _fit_line(ax: plt.Axes, fit, color) -> None:
+    """The fitted line over the measured sizes; dashed to its zero crossing, when it has one
+    within four decades beyond them (the paper's 3B-13B from a 2.6M base), with the
+    crossing's bootstrap interval as a bar."""
+    xs = np.linspace(fit.x_min, fit.x_max, 20)
+    ax.plot(10**xs, fit.a + fit.b * xs, color=color, linewidth=1.5)
+    if not fit.extrapolated or not np.isfinite(fit.zero_at):
+        return
+    if not (fit.x_min - 4 <= fit.zero_at <= fit.x_max + 4):
+        return
+    ends = np.linspace(fit.x_max if fit.zero_at > fit.x_max else fit.x_min, fit.zero_at, 20)
+    ax.plot(10**ends, fit.a + fit.b * ends, color=color, linewidth=1.2, linestyle="--")
+    if np.isfinite(fit.zero_low):
+        ax.errorbar([10**fit.zero_at], [0], xerr=[[10**fit.zero_at - 10**fit.zero_low],
+                    [10**fit.zero_high - 10**fit.zero_at]], color=color, marker="x",
+                    capsize=3)  # fmt: skip
+    ax.annotate(f"0 at {10**fit.zero_at:.2g} (extrapolated)", (10**fit.zero_at, 0), textcoords="offset points",
+                xytext=(0, 6), fontsize=8, color=color, ha="center")  # fmt: skip

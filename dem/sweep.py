@@ -235,7 +235,8 @@ class PlannedCell:
 
 def _settings(params_file: Path, overrides: dict, where: str) -> dict:
     """Every chapter parameter of a cell, checked as dem.pipeline.run will check them."""
-    from dem.config import load_config, make_config
+    from dem.config import make_config
+    from dem.config_files import load_config
 
     changes = load_config(params_file).changes()  # its errors name the parameter file
     return make_config({**changes, **overrides}, where=where).to_dict()
@@ -445,9 +446,32 @@ def run_sweep(
     if plan_only:
         log(plan_text(selected))
         return selected
-    manifest = {"sweep_file": str(path.resolve()), "params_file": str(path.resolve()),
-                "config": asdict(config), **provenance(), "steps": {}}  # fmt: skip
-    write_json(out / "manifest.json", manifest)
+    manifest_path = out / "manifest.json"
+    previous = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    manifest = {
+        "sweep_file": str(path.resolve()),
+        "params_file": str(path.resolve()),  # what dem publish names as the parameters
+        "config": asdict(config),
+        **provenance(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if not any(not p.done for p in selected):  # the tables will not change: chapter 07 stands
+        manifest.update({k: previous[k] for k in ("steps", "finished") if k in previous})
+    write_json(manifest_path, manifest)
+    _run_cells(selected, plan, config, out, log)
+    write_tables(out, plan, config)
+    if chapter:
+        manifest["steps"] = run_chapter(out, log)
+        manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    manifest["cells"] = {p.cell.id: {"done": p.done, "wall_s": p.wall_s} for p in plan}
+    write_json(manifest_path, manifest)
+    return selected
+
+
+def _run_cells(
+    selected: list[PlannedCell], plan: list[PlannedCell], config: SweepConfig, out: Path, log
+) -> None:
+    """Run the unfinished selected cells, one progress line each; the tables after each."""
     for i, p in enumerate(selected, 1):
         head = f"[dem sweep] {i}/{len(selected)} {p.cell.id}"
         if p.done:
@@ -457,13 +481,6 @@ def run_sweep(
         p.wall_s, p.done = run_cell(p, out)["wall_s"], True
         results = write_tables(out, plan, config)
         log(f"{head}: done in {_minutes(p.wall_s)}; {headline(results, p.cell.id)}")
-    write_tables(out, plan, config)
-    if chapter:
-        manifest["steps"] = run_chapter(out, log)
-        manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    manifest["cells"] = {p.cell.id: {"done": p.done, "wall_s": p.wall_s} for p in plan}
-    write_json(out / "manifest.json", manifest)
-    return selected
 
 
 def run_chapter(out: Path, log: Callable[[str], None]) -> dict:
