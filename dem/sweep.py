@@ -24,6 +24,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -333,12 +334,28 @@ def make_plan(config: SweepConfig, out: Path, where: str) -> list[PlannedCell]:
         if record is not None and record["overrides"] == json.loads(json.dumps(overrides)):
             planned.done, planned.wall_s = True, record["wall_s"]
         plan.append(planned)
-    done = [p for p in plan if p.done]
-    if done:
-        factor = sum(p.wall_s for p in done) / sum(p.estimate_s for p in done)
-        for p in plan:
-            p.estimate_s *= factor
+    calibrate(plan)
     return ordered(plan, config)
+
+
+def calibrate(plan: list[PlannedCell]) -> None:
+    """Replace the prior estimates by the measured times of the finished cells: a line
+    wall = c0 + c1 · prior when finished cells of two costs or more give one with c0, c1 >= 0
+    (a cell's fixed part, kernels and evaluation, is larger than the prior assumes on tiny
+    bases), else the prior scaled by measured / predicted."""
+    done = [p for p in plan if p.done]
+    if not done:
+        return
+    prior = np.array([p.estimate_s for p in done])
+    wall = np.array([p.wall_s for p in done])
+    line = None
+    if len(set(prior.round(3))) >= 2:
+        line = np.linalg.lstsq(np.stack([np.ones_like(prior), prior], 1), wall, rcond=None)[0]
+    for p in plan:
+        if line is not None and (line >= 0).all():
+            p.estimate_s = float(line[0] + line[1] * p.estimate_s)
+        else:
+            p.estimate_s *= wall.sum() / prior.sum()
 
 
 def ordered(plan: list[PlannedCell], config: SweepConfig) -> list[PlannedCell]:

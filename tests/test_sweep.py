@@ -117,6 +117,13 @@ def test_plan_calibrates_estimates_on_finished_cells(tmp_path):
     assert after[done.cell.id].done and after[done.cell.id].wall_s == 3 * done.estimate_s
     assert after["c-x1-full-s0"].estimate_s == pytest.approx(3 * prior["c-x1-full-s0"].estimate_s)
     assert "1 finished" in sweep.plan_text(list(after.values()))
+    # two finished cells of different cost: the line through them, fixed part included
+    plan = sweep.make_plan(config, tmp_path / "none", "here")
+    for p in plan[:2]:
+        p.done, p.wall_s = True, 100 + 2 * p.estimate_s
+    expected = 100 + 2 * plan[2].estimate_s
+    sweep.calibrate(plan)
+    assert plan[2].estimate_s == pytest.approx(expected)
     with pytest.raises(DemError, match="matches no cell"):
         sweep.pick(list(after.values()), ["z-*"])
     assert [p.cell.id for p in sweep.pick(list(after.values()), ["b-*"])] == ["b-x1-full-s0"]
