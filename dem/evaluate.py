@@ -258,6 +258,17 @@ def accuracy(
     return sum(source.score(o, ex) for o, ex in zip(outputs, examples, strict=True)) / len(examples)
 
 
+def check_request(metrics: Sequence[str], max_examples: int | None, batch_size: int) -> None:
+    """Refuse an unknown metric or a non-positive count (before any model is loaded)."""
+    unknown = set(metrics) - set(METRICS)
+    if unknown or not metrics:
+        raise DemError(f"unknown metric(s) {sorted(unknown)}; choose from {', '.join(METRICS)}")
+    if max_examples is not None and max_examples < 1:
+        raise DemError(f"max_examples must be positive, got {max_examples}")
+    if batch_size < 1:
+        raise DemError(f"batch_size must be positive, got {batch_size}")
+
+
 def evaluate(
     model: Any,
     tokenizer: Any,
@@ -277,11 +288,7 @@ def evaluate(
     """
     import pandas as pd
 
-    unknown = set(metrics) - set(METRICS)
-    if unknown:
-        raise DemError(f"unknown metric(s) {sorted(unknown)}; choose from {METRICS}")
-    if max_examples is not None and max_examples < 1:
-        raise DemError(f"max_examples must be positive, got {max_examples}")
+    check_request(metrics, max_examples, batch_size)
     rows = []
     for source in sources:
         if isinstance(source, (str, dict)):

@@ -12,7 +12,7 @@ import shutil
 import signal
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -109,6 +109,26 @@ def check_output_free(out: Path, *, overwrite: bool) -> None:
         raise DemError(f"output {out} already exists (pass overwrite=True to replace it)")
     if out.exists() and not out.is_dir():
         raise DemError(f"output {out} exists and is not a folder")
+
+
+def refuse_foreign_folder(out: Path, ours: Callable[[str], bool], what: str) -> None:
+    """Refuse an output folder that holds files a command did not write (someone's work).
+
+    ``ours(name)`` says whether an entry of ``out`` is one the command writes; hidden
+    entries (this module's temporary names) are not judged.
+    """
+    if out.exists() and not out.is_dir():
+        raise DemError(f"output {out} exists and is not a folder")
+    if not out.is_dir():
+        return
+    foreign = sorted(
+        p.name for p in out.iterdir() if not p.name.startswith(".") and not ours(p.name)
+    )
+    if foreign:
+        raise DemError(
+            f"output folder {out} exists and is not {what} (it holds {foreign[0]!r}); "
+            "choose another --out"
+        )
 
 
 def _remove_stale_tmp(out: Path) -> None:

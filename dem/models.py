@@ -262,6 +262,11 @@ def load_tokenizer(
     return tokenizer
 
 
+def _has_weights(folder: Path) -> bool:
+    patterns = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin")
+    return any(next(folder.glob(p), None) is not None for p in patterns)
+
+
 def load_model(
     path_or_id: str | Path,
     *,
@@ -285,6 +290,12 @@ def load_model(
         raise DemError(f"model folder {source} does not exist")
     if looks_local and gguf_file is None and not (local / "config.json").is_file():
         raise DemError(f"model folder {source} has no config.json; is it a Hugging Face model?")
+    if looks_local and gguf_file is None and not _has_weights(local):
+        # Checked before the tokenizer, whose error would name the wrong missing file.
+        raise DemError(
+            f"model folder {source} has no weights: expected model.safetensors "
+            "(or model.safetensors.index.json with its shards)"
+        )
     if gguf_file is not None and looks_local and not (local / gguf_file).is_file():
         raise DemError(f"GGUF file {gguf_file} not found in {source}")
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}

@@ -11,6 +11,7 @@ source's test score, the average, the composite set and the training cost.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import pandas as pd
 
 from dem import DemError
 from dem.connectivity import merge_gaps
-from dem.io import write_text
+from dem.io import refuse_foreign_folder, write_text
 
 # Rows of the summary that describe the vectors, not a method's scores (chapter 03).
 DIAGNOSTICS = ("‖v‖/‖θ0‖", "merge gap (nats)")
@@ -33,10 +34,15 @@ def run_seeds(
     out = Path(out)
     if len(set(seeds)) != len(seeds):
         raise DemError(f"seeds must be distinct, got {list(seeds)}")
+    refuse_foreign_folder(out, _ours, "a dem seeds folder (seed-N, summary.csv, summary.md)")
     for seed in seeds:
         log(f"[dem seeds] seed {seed}")
         pipeline.run(params_file, out / f"seed-{seed}", overrides={"seed": seed}, log=log)
     return write_summary([out / f"seed-{seed}" for seed in seeds], out)
+
+
+def _ours(name: str) -> bool:
+    return re.fullmatch(r"seed-\d+|summary\.(csv|md)", name) is not None
 
 
 def collect(run_dirs: Sequence[str | Path]) -> pd.DataFrame:

@@ -141,15 +141,19 @@ def _evaluate(args: argparse.Namespace) -> int:
     import json
 
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
+    from dem.evaluate import check_request, evaluate
+    from dem.models import load_model, pick_device, set_cpu_threads
     from dem.sources import get_source
 
-    # Resolve sources first: a typo in a source name should fail before a slow model load.
+    # Every check before the slow model load: the request, the source names, and each
+    # source's rows (a malformed line in a user's file fails here, naming file and line).
+    check_request(metrics, args.max_examples, args.batch_size)
     sources = [get_source(_source_spec(s), seed=args.seed) for s in args.source]
-    from dem.evaluate import evaluate
-    from dem.models import load_model, pick_device, set_cpu_threads
-
+    for source in sources:
+        source.examples(args.split)
+    device = pick_device(args.device)
     set_cpu_threads()
-    model, tokenizer = load_model(args.model, device=pick_device(args.device))
+    model, tokenizer = load_model(args.model, device=device)
     table = evaluate(
         model,
         tokenizer,

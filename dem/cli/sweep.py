@@ -32,8 +32,17 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dem.io import refuse_foreign_folder
     from dem.sweep import run_sweep
 
+    if not args.plan:
+        # A sweep writes its manifest.json first; a folder with files but without it is
+        # someone else's.
+        out = Path(args.out)
+        ours = (out / "manifest.json").is_file()
+        refuse_foreign_folder(out, lambda _name: ours, "a dem sweep folder (no manifest.json)")
     run_sweep(args.params, args.out, plan_only=args.plan, only_cells=args.only_cells,
               chapter=not args.no_chapter)  # fmt: skip
     if not args.plan:

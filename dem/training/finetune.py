@@ -8,7 +8,6 @@ loss falls on response tokens only. A run is cached and resumable by its paramet
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -22,8 +21,8 @@ from dem.sources import get_source
 from dem.training.loop import accelerator_for, train_loop, transformers_bars
 from dem.training.lora import ADAPTER_DIR, add_lora, merge_lora, require_peft
 from dem.training.runs import (
-    CHECKPOINT,
     complete,
+    discard_if_untrained,
     fingerprint,
     prepare_synced,
     start_run,
@@ -87,6 +86,8 @@ def finetune(
     custom_sources = {k: dict(v) for k, v in (custom_sources or {}).items()}
     # An unknown name raises DemError listing the known sources, before any model is loaded.
     sources = {name: get_source(custom_sources.get(name, name), **source_kwargs) for name in ratios}
+    for src in sources.values():  # a malformed line in a user's file fails before any folder
+        src.examples("train"), src.examples("validation")
     out = Path(out_dir)
     accelerator = accelerator_for(s.device)
     params = _parameters(base, mixture, source_kwargs, custom_sources, s, accelerator)
@@ -95,10 +96,11 @@ def finetune(
         return cached
     record = training_record("finetune", params)
     start_run(accelerator, work, record)
-    with transformers_bars(progress):
-        model, tokenizer = dem_models.load_model(base)
-    model = _prepare_model(model, base, s, accelerator, work)
-    encoded, val_batches, schedule = _data(tokenizer, sources, ratios, s, accelerator)
+    with discard_if_untrained(accelerator, work):
+        with transformers_bars(progress):
+            model, tokenizer = dem_models.load_model(base)
+        model = _prepare_model(model, base, s, accelerator)
+        encoded, val_batches, schedule = _data(tokenizer, sources, ratios, s, accelerator)
     data = dict(schedule=schedule, encoded=encoded, val_batches=val_batches)
     result = train_loop(model, tokenizer, work, settings=s, accelerator=accelerator,
                         progress=progress, callback=callback, **data)  # fmt: skip
@@ -135,26 +137,19 @@ def _keep_adapter_and_merge(result: dict, work: Path) -> None:
     result["_model"] = merge_lora(result["_model"])
 
 
-def _prepare_model(model: Any, base, s: FinetuneSettings, accelerator: Any, work: Path) -> Any:
+def _prepare_model(model: Any, base, s: FinetuneSettings, accelerator: Any) -> Any:
     """Activation recomputation where it is chosen, the length check, LoRA adapters."""
     checkpointing = use_gradient_checkpointing(s.gradient_checkpointing, accelerator.device)
     if checkpointing:
         # transformers 5 renamed it; the old name still works but warns.
         getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
-    try:
-        if s.max_length > getattr(model.config, "max_position_embeddings", s.max_length):
-            raise DemError(
-                f"max_length={s.max_length} exceeds the model's max_position_embeddings="
-                f"{model.config.max_position_embeddings}"
-            )
-        if s.lora():
-            model = add_lora(model, base, s.lora(), seed=s.seed, checkpointing=checkpointing)
-    except DemError:
-        # Nothing trained yet: leave no unfinished run behind that a corrected rerun (other
-        # parameters) would be refused by.
-        if accelerator.is_main_process and not (work / CHECKPOINT).exists():
-            shutil.rmtree(work, ignore_errors=True)
-        raise
+    if s.max_length > getattr(model.config, "max_position_embeddings", s.max_length):
+        raise DemError(
+            f"max_length={s.max_length} exceeds the model's max_position_embeddings="
+            f"{model.config.max_position_embeddings}"
+        )
+    if s.lora():
+        model = add_lora(model, base, s.lora(), seed=s.seed, checkpointing=checkpointing)
     return model
 
 

@@ -15,7 +15,13 @@ from dem import models as dem_models
 from dem.data import build_tiny_tokenizer, pad_batch
 from dem.sources import knowledge, pretraining
 from dem.training.loop import accelerator_for, train_loop, transformers_bars
-from dem.training.runs import complete, prepare_synced, start_run, training_record
+from dem.training.runs import (
+    complete,
+    discard_if_untrained,
+    prepare_synced,
+    start_run,
+    training_record,
+)
 from dem.training.schedule import build_schedule
 from dem.training.settings import PretrainSettings
 
@@ -64,16 +70,17 @@ def pretrain(
     start_run(accelerator, work, record)
 
     tokenizer = build_tiny_tokenizer()
-    model = dem_models.build_tiny_model(
-        tokenizer,
-        hidden_size=s.hidden_size,
-        num_layers=s.num_layers,
-        num_heads=s.num_heads,
-        intermediate_size=s.intermediate_size,
-        max_position_embeddings=s.max_position_embeddings,
-        seed=s.seed,
-    )
-    data = _text_batches(tokenizer, corpus, s, accelerator.num_processes)
+    with discard_if_untrained(accelerator, work):
+        model = dem_models.build_tiny_model(
+            tokenizer,
+            hidden_size=s.hidden_size,
+            num_layers=s.num_layers,
+            num_heads=s.num_heads,
+            intermediate_size=s.intermediate_size,
+            max_position_embeddings=s.max_position_embeddings,
+            seed=s.seed,
+        )
+        data = _text_batches(tokenizer, corpus, s, accelerator.num_processes)
     result = train_loop(model, tokenizer, work, settings=s, accelerator=accelerator,
                         progress=progress, callback=callback, **data)  # fmt: skip
     with transformers_bars(progress):

@@ -16,7 +16,8 @@ import io
 import json
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +145,19 @@ def start_run(accelerator: Any, work: Path, record: dict) -> None:
     """Mark ``work`` as a run in progress (its record, status running)."""
     if accelerator.is_main_process:
         write_record(work / RECORD, {**record, "status": "running"})
+
+
+@contextmanager
+def discard_if_untrained(accelerator: Any, work: Path) -> Iterator[None]:
+    """A user error (a base without weights, a malformed source line) before the first
+    checkpoint leaves no run folder behind: a corrected rerun, with other parameters, would
+    otherwise be refused by the unfinished one."""
+    try:
+        yield
+    except DemError:
+        if accelerator.is_main_process and not (work / CHECKPOINT).exists():
+            shutil.rmtree(work, ignore_errors=True)
+        raise
 
 
 def write_log(path: Path, log: list[dict]) -> None:
