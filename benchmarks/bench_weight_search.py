@@ -29,10 +29,10 @@ from pathlib import Path
 import pandas as pd
 
 from dem import experiments, vectors
+from dem.config import RunConfig
 from dem.layout import RunLayout
 from dem.models import load_model
 from dem.notebook import setup
-from dem.config import RunConfig
 from dem.search import MINIMIZE, InMemoryMerge, best_weights, search_weights, validation_scorer
 from dem.training.finetune import finetune
 from dem.training.settings import FinetuneSettings

