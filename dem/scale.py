@@ -99,15 +99,16 @@ def fit_gap(
     """gap ≈ a + b·log10(params) over one panel's cells, with a bootstrap interval for b and,
     where the line reaches 0, the parameters at which it does and that point's interval.
 
-    ``b`` is in accuracy points (fractions) per tenfold parameters. With one seed per base the
-    bootstrap cannot vary anything, so the interval is reported as unknown (NaN).
+    ``b`` is in accuracy points (fractions) per tenfold parameters. Until every base has two
+    seeds or more, a bootstrap over seeds would treat the single-seed bases as exact and give
+    too narrow an interval, so the interval is reported as unknown (NaN).
     """
     points = points.assign(x=np.log10(points.params.astype(float)))
     if points.params.nunique() < 2:
         raise DemError("a fit against size needs cells at two bases or more")
     a, b = _line(points.x.to_numpy(), points.value.to_numpy())
     tail = (1 - level) / 2
-    varied = points.groupby("params").value.nunique().max() > 1
+    varied = points.groupby("params").size().min() >= 2
     lines = bootstrap_lines(points, n_boot, seed) if varied else None
     b_lo, b_hi = np.quantile(lines[:, 1], [tail, 1 - tail]) if varied else (np.nan, np.nan)
     fit = {"a": a, "b": b, "b_low": float(b_lo), "b_high": float(b_hi), "level": level,
@@ -153,7 +154,7 @@ def verdict(fit: pd.Series | dict) -> str:
     head = (f"budget {fit['budget']:g}×S, {fit['kind']}, {fit['gap']}: "
             f"{100 * fit['b']:+.1f} points per tenfold parameters")  # fmt: skip
     if np.isnan(fit["b_low"]):
-        return head + " (one seed per base: no interval, so no claim of a trend)."
+        return head + " (a base with one seed: no interval yet, so no claim of a trend)."
     interval = (
         f" ({fit['level']:.0%} interval {100 * fit['b_low']:+.1f} to {100 * fit['b_high']:+.1f})"
     )

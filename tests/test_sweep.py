@@ -179,6 +179,10 @@ def test_no_trend_when_the_interval_includes_zero_and_no_claim_from_one_seed():
     single = _grid(scale.fits(scale.gaps(_results(-0.1, 0.05, seeds=1))))
     assert np.isnan(single.b_low)
     assert "no claim of a trend" in scale.verdict(single)
+    # two seeds at one base only: the other bases would count as exact, so still no interval
+    mixed = scale.gaps(_results(-0.1, 0.05))
+    mixed = mixed[(mixed.base == "a") | (mixed.seed == 0)]
+    assert np.isnan(_grid(scale.fits(mixed)).b_low)
 
 
 def test_bootstrap_keeps_every_base_and_is_seeded():
