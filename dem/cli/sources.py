@@ -32,21 +32,36 @@ def _add_sources(sub: argparse._SubParsersAction) -> None:
     )
     q.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
     q.set_defaults(func=_sources_install)
+    _add_evaluate(sub)
 
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser(
         "evaluate",
         help="score a model on sources: loss, perplexity, accuracy (JSON)",
         description="Evaluate a model folder on one or more sources and print a JSON list of "
-        "{model, source, split, metric, value} rows.",
+        "{model, source, split, metric, value} rows; or, with --harness, on "
+        "lm-evaluation-harness tasks and print a table.",
     )
     e.add_argument("--model", required=True, metavar="DIR", help="model folder or hub id")
-    e.add_argument(
+    what = e.add_mutually_exclusive_group(required=True)
+    what.add_argument(
         "--source",
         action="append",
-        required=True,
         metavar="NAME",
         help="source name (repeat for several), or a JSON object describing your own source",
     )
+    what.add_argument(
+        "--harness",
+        metavar="TASKS",
+        help="score with lm-evaluation-harness (pip install 'dem[harness]') instead: "
+        "comma-separated task names; dem's offline tasks are dem_boolq, dem_commonsense_qa, "
+        "dem_asdiv, dem_gsm8k (all: dem_offline), any other name is the harness's own "
+        "(its data comes from the Hub). Prints a table; --save writes the full record",
+    )
+    e.add_argument("--limit", type=int, metavar="N", help="--harness: first N examples per task")
+    e.add_argument("--num-fewshot", type=int, metavar="N", help="--harness: few-shot examples")
+    e.add_argument("--save", metavar="FILE", help="--harness: write the result as JSON here")
     e.add_argument("--split", default="test", choices=("train", "validation", "test"))
     e.add_argument("--max-examples", type=int, metavar="N", help="first N examples per source")
     e.add_argument(
@@ -140,6 +155,8 @@ def _sources_install(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     import json
 
+    if args.harness:
+        return _evaluate_harness(args)
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
     from dem.evaluate import check_request, evaluate
     from dem.models import load_model, pick_device, set_cpu_threads
@@ -165,4 +182,23 @@ def _evaluate(args: argparse.Namespace) -> int:
         model_name=str(args.model),
     )
     print(json.dumps(table.to_dict(orient="records"), indent=2))
+    return 0
+
+
+def _evaluate_harness(args: argparse.Namespace) -> int:
+    from dem.harness import harness_evaluate, harness_table
+    from dem.io import write_json
+    from dem.models import set_cpu_threads
+
+    set_cpu_threads()
+    result = harness_evaluate(
+        args.model, args.harness.split(","), limit=args.limit, num_fewshot=args.num_fewshot,
+        batch_size=args.batch_size, device=args.device, seed=args.seed,
+    )  # fmt: skip
+    print(harness_table(result).to_markdown(index=False, floatfmt=".4f"))
+    print(f"\nlm-eval {result['lm_eval']}; task config sha256:")
+    for task, info in result["tasks"].items():
+        print(f"  {task}: {info['config_sha256']}")
+    if args.save:
+        write_json(args.save, result)
     return 0
