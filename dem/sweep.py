@@ -554,6 +554,8 @@ def cell_info(planned: PlannedCell, cell_dir: Path) -> dict:
         "kind": cell.kind,
         "seed": cell.seed,
         "device": _device(manifest),
+        # the code that ran the cell's chapters (a sweep may span commits)
+        "commit": (manifest.get("git", {}).get("commit") or "")[:12],
         "finetune_steps": manifest["parameters"]["finetune_steps"],
         "cell_wall_s": planned.wall_s,
     }
