@@ -213,7 +213,7 @@ def gap_vs_params(gap_table: pd.DataFrame, fit_table: pd.DataFrame) -> plt.Figur
             fit = fit_table[(fit_table.budget == budget) & (fit_table.kind == kind)
                             & (fit_table.gap == gap)] if len(fit_table) else fit_table  # fmt: skip
             for row in fit.itertuples():
-                _fit_line(ax, row, color)
+                _fit_line(ax, row, color, label_at=6 + 12 * list(colors).index(gap))
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set(xscale="log", xlabel="base parameters (log)", title=f"budget {budget:g}×S, {kind}")
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
@@ -222,13 +222,14 @@ def gap_vs_params(gap_table: pd.DataFrame, fit_table: pd.DataFrame) -> plt.Figur
     return fig
 
 
-def _fit_line(ax: plt.Axes, fit, color) -> None:
-    """The fitted line over the measured sizes; dashed to its zero crossing, when it has one
-    within four decades beyond them (the paper's 3B-13B from a 2.6M base), with the
+def _fit_line(ax: plt.Axes, fit, color, label_at: float = 6) -> None:
+    """The fitted line over the measured sizes; dashed to its zero crossing, when the gap
+    shrinks with size and reaches 0 within four decades beyond them (the paper's 3B-13B from a 2.6M base), with the
     crossing's bootstrap interval as a bar."""
     xs = np.linspace(fit.x_min, fit.x_max, 20)
     ax.plot(10**xs, fit.a + fit.b * xs, color=color, linewidth=1.5)
-    if not fit.extrapolated or not np.isfinite(fit.zero_at):
+    # Only a gap that shrinks with size reaches 0 at larger bases, the question asked here.
+    if fit.b >= 0 or not fit.extrapolated or not np.isfinite(fit.zero_at):
         return
     if not (fit.x_min - 4 <= fit.zero_at <= fit.x_max + 4):
         return
@@ -239,4 +240,4 @@ def _fit_line(ax: plt.Axes, fit, color) -> None:
                     [10**fit.zero_high - 10**fit.zero_at]], color=color, marker="x",
                     capsize=3)  # fmt: skip
     ax.annotate(f"0 at {10**fit.zero_at:.2g} (extrapolated)", (10**fit.zero_at, 0), textcoords="offset points",
-                xytext=(0, 6), fontsize=8, color=color, ha="center")  # fmt: skip
+                xytext=(0, label_at), fontsize=8, color=color, ha="center")  # fmt: skip

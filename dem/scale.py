@@ -44,6 +44,21 @@ def load_results(run_dir: str | Path) -> pd.DataFrame:
     return pd.read_csv(path)
 
 
+def show_tables_as_markdown() -> None:
+    """Tables in this chapter display as Markdown too, as in chapters 01-06, so ``dem publish``
+    writes Markdown tables rather than HTML (the hook lives in :mod:`dem.notebook`)."""
+    from dem.notebook import _chapter_display
+
+    _chapter_display()
+
+
+def cells(results: pd.DataFrame) -> pd.DataFrame:
+    """One row per finished cell: what it was, where and by which commit it ran, how long."""
+    columns = [*CELL, "device", "commit", "cell_wall_s"]
+    table = results.drop_duplicates("cell")
+    return table[[c for c in columns if c in table]].reset_index(drop=True)
+
+
 def gaps(results: pd.DataFrame, variants: str = DEM_VARIANTS) -> pd.DataFrame:
     """Per cell and gap: DMix uniform's accuracy minus DEM's (grid) and minus the best variant.
 
