@@ -1,7 +1,8 @@
 """Model cards: the ``README.md`` with Hugging Face front matter in every model folder dem writes.
 
 The card is rendered from the records already in the folder (``dem_train.json`` with
-``cost.json`` and ``train_log.csv`` for a training run, ``dem_merge.json`` for a merge), so it
+``cost.json`` and ``train_log.csv`` for a training run, ``dem_merge.json`` for a merge,
+``dem_base.json`` for a base dem converted to safetensors), so it
 says nothing the records do not: the front matter (``base_model``, ``base_model_relation``,
 ``library_name``, ``tags``, ``license`` inherited from the base where known) for the Hub and
 for tools that read model trees, and a body stating the recipe -- sources and mixture or merge
@@ -24,6 +25,7 @@ from dem.layout import MERGE_RECORD
 CARD = "README.md"
 # dem.training.runs.RECORD, which writes cards through this module (importing it: a cycle)
 TRAIN_RECORD = "dem_train.json"
+BASE_RECORD = "dem_base.json"  # a base dem converted (dem.models / dem.bases prepare_base)
 PAPER = "[DEM](https://arxiv.org/abs/2406.15570) (Ram et al., EMNLP 2024)"
 
 
@@ -36,12 +38,14 @@ def write_card(folder: str | Path, scores: Mapping[str, float] | None = None) ->
     folder = Path(folder)
     if (folder / MERGE_RECORD).is_file():
         card = merge_card(_read_json(folder / MERGE_RECORD), scores)
+    elif (folder / BASE_RECORD).is_file():
+        card = base_card(_read_json(folder / BASE_RECORD))
     elif (folder / TRAIN_RECORD).is_file():
         record = _read_json(folder / TRAIN_RECORD)
         cost = _read_json(folder / "cost.json") if (folder / "cost.json").is_file() else {}
         card = training_card(record, cost, _final_losses(folder / "train_log.csv"), scores)
     else:
-        raise FileNotFoundError(f"{folder} has neither {MERGE_RECORD} nor {TRAIN_RECORD}")
+        raise FileNotFoundError(f"{folder} has no {MERGE_RECORD}, {BASE_RECORD} or {TRAIN_RECORD}")
     return write_text(folder / CARD, str(card))
 
 
@@ -217,6 +221,26 @@ def _input_name(entry: Mapping[str, Any]) -> str:
     return model_name(source or entry["path"])
 
 
+def base_card(record: dict) -> Any:
+    """The card of a base dem converted into a plain fp32 safetensors folder (``dem_base.json``)."""
+    source = record["source"] + (f" ({record['gguf_file']})" if record.get("gguf_file") else "")
+    gguf = bool(record.get("gguf_file")) or str(record["source"]).endswith(".gguf")
+    front = {
+        "base_model": source,
+        "library_name": "transformers",
+        "license": _record_license(record),
+        "tags": ["dem", "dequantized"] if gguf else ["dem"],
+    }
+    how = "dequantized from GGUF to fp32" if gguf else "loaded and saved as fp32 safetensors"
+    body = (
+        f"# `{source}`, as a plain safetensors folder\n\nThe weights of `{source}`, {how} by "
+        f"dem (the reproducible implementation of {PAPER}) so that later loads take seconds; "
+        "logits are identical to the source's. Fine-tunes and merges start from this folder. "
+        "`dem_base.json` records the source.\n"
+    )
+    return _card(front, body)
+
+
 # ----------------------------------------------------------------------------------------------
 # Shared parts
 # ----------------------------------------------------------------------------------------------
@@ -280,17 +304,25 @@ def _card_license(path: Path) -> str | None:
 def _gguf_license(folder: Path) -> str | None:
     """``general.license`` of the GGUF file a converted base came from (``dem_base.json``)."""
     try:
+        return _record_license(json.loads((folder / BASE_RECORD).read_text()))
+    except (OSError, ValueError):  # no record: not a converted base
+        return None
+
+
+def _record_license(record: Mapping[str, Any]) -> str | None:
+    """The license a converted base's source states: a GGUF's ``general.license``, or the card
+    of a local folder."""
+    try:
         from gguf import GGUFReader
 
         from dem.models import _split_gguf
 
-        record = json.loads((folder / "dem_base.json").read_text())
         where, name = _split_gguf(record["source"], record.get("gguf_file"))
         if name is None:
-            return None
+            return _card_license(Path(where) / CARD)
         field = GGUFReader(Path(where) / name).fields.get("general.license")
         return str(field.contents()) if field is not None else None
-    except Exception:  # no record, no gguf package, file gone: the license is unknown
+    except Exception:  # no gguf package, file gone, a hub id: the license is unknown
         return None
 
 

