@@ -106,8 +106,33 @@ def harness_evaluate(
     """
     version = lm_eval_version()
     from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
 
+    tasks = _check_request(tasks, limit, num_fewshot, batch_size)
+    manager, provenance = _task_manager(tasks)
+    lm = _hf_model(model, batch_size, device)
+    try:
+        results = simple_evaluate(
+            model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
+            task_manager=manager, log_samples=False, bootstrap_iters=1000, random_seed=seed,
+            numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+        )  # fmt: skip
+    except ConnectionError as err:  # a harness task whose data is on the Hub, with no Hub here
+        raise DemError(
+            f"harness task data could not be fetched ({err}); without internet, use dem's "
+            f"offline tasks: {', '.join(offline_tasks())} (all: {OFFLINE_TAG})"
+        ) from None
+    configs = results.get("configs", {})
+    return {
+        "model": str(model),
+        "lm_eval": version,
+        "rows": _rows(results),
+        "tasks": {t: _task_record(t, configs[t], provenance) for t in sorted(configs)},
+        "settings": dict(limit=limit, num_fewshot=num_fewshot, batch_size=batch_size, seed=seed),
+    }
+
+
+def _check_request(tasks: Sequence[str], limit, num_fewshot, batch_size) -> list[str]:
+    """The task names, after every check that needs no model and no task index."""
     tasks = [t.strip() for t in tasks if t.strip()]
     if not tasks:
         raise DemError("no harness task named; e.g. --harness dem_boolq,dem_commonsense_qa")
@@ -121,6 +146,13 @@ def harness_evaluate(
     ours = [t for t in tasks if t.startswith("dem_") and t not in offline_tasks() + [OFFLINE_TAG]]
     if ours:
         raise DemError(_unknown_tasks(ours, {}))
+    return tasks
+
+
+def _task_manager(tasks: list[str]) -> tuple[Any, dict[str, dict]]:
+    """lm-eval's TaskManager with dem's rendered tasks included, and their provenance."""
+    from lm_eval.tasks import TaskManager
+
     folder, provenance = offline_task_folder()
     # The harness's own ~10k task files take seconds to index: only when a task is not dem's.
     own = set(offline_tasks()) | {OFFLINE_TAG}
@@ -128,25 +160,7 @@ def harness_evaluate(
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise DemError(_unknown_tasks(unknown, provenance))
-    lm = _hf_model(model, batch_size, device)
-    results = simple_evaluate(
-        model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, task_manager=manager,
-        log_samples=False, bootstrap_iters=1000, random_seed=seed, numpy_random_seed=seed,
-        torch_random_seed=seed, fewshot_random_seed=seed,
-    )  # fmt: skip
-    configs = results.get("configs", {})
-    return {
-        "model": str(model),
-        "lm_eval": version,
-        "rows": _rows(results),
-        "tasks": {t: _task_record(t, configs[t], provenance) for t in sorted(configs)},
-        "settings": {
-            "limit": limit,
-            "num_fewshot": num_fewshot,
-            "batch_size": batch_size,
-            "seed": seed,
-        },  # fmt: skip
-    }
+    return manager, provenance
 
 
 def _hf_model(model: str | Path, batch_size: int, device: str) -> Any:

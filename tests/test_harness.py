@@ -86,3 +86,19 @@ def test_task_files_are_shipped_with_the_package_and_name_installed_files():
         rendered = (folder / path.name).read_text()
         assert "package:" not in rendered.split("dataset_kwargs")[1], path.name
     assert all("data_sha256" in v for v in info.values()), info
+
+
+def test_a_hub_task_without_a_hub_is_one_clear_error(monkeypatch):
+    # A harness task whose data lives on the Hub fails in datasets with ConnectionError when
+    # offline (seen with boolq: "Couldn't reach 'aps/super_glue' on the Hub"); indexing the
+    # harness's own tasks and timing out takes minutes, so the failure is stood in for here.
+    import lm_eval
+
+    from dem.harness import harness_evaluate
+
+    def offline(**kwargs):
+        raise ConnectionError("Couldn't reach 'aps/super_glue' on the Hub")
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", offline)
+    with pytest.raises(DemError, match="could not be fetched.*without internet.*dem_boolq"):
+        harness_evaluate("dem:tiny-knowledge", ["dem_boolq"], limit=1, device="cpu")
