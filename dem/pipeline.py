@@ -21,7 +21,7 @@ from dem.config_files import load_config
 from dem.execute import run_notebook
 from dem.io import write_json
 from dem.layout import RunLayout
-from dem.provenance import provenance
+from dem.provenance import ALLOW_MIX_ENV, check_same_machine, machine, provenance
 
 NOTEBOOKS = resources.NOTEBOOKS
 PARAMS = resources.PARAMS
@@ -99,6 +99,7 @@ def run(
     only: str | None = None,
     start: str | None = None,
     quiet: bool = False,
+    allow_mix: bool = False,
     log=print,
 ) -> Path:
     """Execute every notebook in order into ``out``; return the run folder.
@@ -107,6 +108,8 @@ def run(
     whether or not they changed; the chapters before must already be finished in ``out`` with
     the same notebooks and parameters (they are reused, never silently recomputed).
     ``quiet``: only one line per chapter, no section lines and no progress bars (CI logs).
+    Reusing chapters (or resuming a fine-tune) from another torch version, device, dtype or
+    thread count is refused unless ``allow_mix``.
     """
     params_file = resolve_params(params_file)
     if not params_file.is_file():
@@ -116,17 +119,15 @@ def run(
     config = load_config(params_file, overrides)
     run_dir = (Path(out) if out else Path("runs") / params_file.stem).resolve()
     layout = RunLayout(run_dir)
-    if run_dir.exists() and any(run_dir.iterdir()) and not layout.manifest.exists() and not force:
-        raise DemError(
-            f"output folder {run_dir} exists and is not a dem run folder; "
-            "choose another --out or pass --force"
-        )
-    previous = json.loads(layout.manifest.read_text()) if layout.manifest.exists() else {}
+    previous, here = _previous_run(layout, config, force=force, allow_mix=allow_mix)
     done = {} if force else previous.get("steps", {})
     books = notebooks(Path(notebook_dir))
     selected = _select(books, only, start)
     step_params, keys, finished = _steps(books, selected, config, layout, done, only, start)
     manifest = _manifest(params_file, config)
+    manifest["machine"] = here
+    if previous.get("machine") not in (None, here) and done:
+        manifest["resumed_from_machine"] = previous["machine"]
     layout.notebooks.mkdir(parents=True, exist_ok=True)
     for nb in books:
         step, first = nb.stem, books.index(selected[0])
@@ -145,6 +146,34 @@ def run(
     manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     write_json(layout.manifest, manifest)
     return run_dir
+
+
+def _previous_run(layout: RunLayout, config, *, force: bool, allow_mix: bool) -> tuple:
+    """The run folder's previous manifest and this machine; refuses a folder holding someone
+    else's files, and reusing finished chapters computed on another machine."""
+    run_dir = layout.root
+    if run_dir.exists() and any(run_dir.iterdir()) and not layout.manifest.exists() and not force:
+        raise DemError(
+            f"output folder {run_dir} exists and is not a dem run folder; "
+            "choose another --out or pass --force"
+        )
+    previous = json.loads(layout.manifest.read_text()) if layout.manifest.exists() else {}
+    here = chapters_machine(config)
+    if allow_mix:  # the chapters' kernels inherit it: a fine-tune they resume may mix too
+        os.environ[ALLOW_MIX_ENV] = "1"
+    if previous.get("steps") and not force:
+        check_same_machine(previous.get("machine"), here, f"run {run_dir}", allow_mix)
+    return previous, here
+
+
+def chapters_machine(config) -> dict:
+    """The torch, device, dtype and threads the chapters will run with (dem.notebook.setup)."""
+    from dem import models
+
+    device = models.pick_device(config.device)
+    large = bool(config.base_model) and not str(config.base_model).startswith("dem:")
+    dtype = str(models.pick_dtype(device)).removeprefix("torch.")
+    return machine(device.type, dtype, models.default_cpu_threads(large_model=large))
 
 
 def _steps(books, selected, config, layout: RunLayout, done: dict, only, start) -> tuple:

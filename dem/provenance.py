@@ -97,3 +97,34 @@ def provenance(command: list[str] | str | None = None) -> dict:
         "command": command,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+# What can change a result's last bits between two machines running the same code: a run that
+# resumes on another one silently mixes two computations (dem/training/runs.py, dem/pipeline.py).
+MACHINE_KEYS = ("torch", "device", "dtype", "threads")
+ALLOW_MIX_ENV = "DEM_ALLOW_MIX"  # "1": dem run --allow-mix, seen by the chapters' kernels
+
+
+def machine(device: str, dtype: str, threads: int) -> dict:
+    """The record a resume is compared against: torch version, device type, dtype, threads."""
+    import torch
+
+    return {"torch": torch.__version__, "device": device, "dtype": dtype, "threads": threads}
+
+
+def check_same_machine(recorded: dict | None, current: dict, what: str, allow_mix: bool) -> None:
+    """Refuse to resume ``what`` on a machine other than the one it started on.
+
+    A record from before machines were recorded (None) is accepted: there is nothing to compare.
+    """
+    if not recorded or allow_mix or os.environ.get(ALLOW_MIX_ENV) == "1":
+        return
+    differ = [f"{k} {recorded.get(k)} (now {current.get(k)})" for k in MACHINE_KEYS
+              if recorded.get(k) != current.get(k)]  # fmt: skip
+    if differ:
+        from dem import DemError
+
+        raise DemError(
+            f"{what} was started with {', '.join(differ)}: resuming would mix two machines in one "
+            "result; pass --allow-mix to resume anyway, or start it over"
+        )

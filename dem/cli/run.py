@@ -23,6 +23,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", metavar="DIR", help="run folder (default: runs/<params name>)")
     p.add_argument("--force", action="store_true", help="rerun every step, even the unchanged ones")
     p.add_argument("--seed", type=int, help="override the parameter set's seed")
+    p.add_argument("--allow-mix", action="store_true",
+                   help="reuse chapters (and resume fine-tunes) computed with another torch "
+                   "version, device, dtype or thread count (refused by default)")  # fmt: skip
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                    help="override one setting (VALUE as YAML: --set finetune_steps=400 "
                    "--set 'search_values=[0, 1]'); `dem config` lists them")  # fmt: skip
@@ -138,7 +141,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     run_dir = pipeline.run(
         args.params, args.out, force=args.force, overrides=_overrides(args), only=args.only,
-        start=args.start, quiet=args.quiet,
+        start=args.start, quiet=args.quiet, allow_mix=args.allow_mix,
     )  # fmt: skip
     _report(run_dir, quiet=args.quiet)
     return 0

@@ -113,11 +113,18 @@ def _add_training(sub: argparse._SubParsersAction) -> None:
 def _add_common_training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="CPU threads (default: 1 on <= 2 cores)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--allow-mix", action="store_true",
+                   help="resume a checkpoint written with another torch version, device, dtype "
+                   "or thread count (refused by default: the result would mix two machines)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _run_kwargs(args: argparse.Namespace) -> dict:
-    return {"overwrite": args.overwrite, "progress": not args.no_progress}
+    return {
+        "overwrite": args.overwrite,
+        "allow_mix": args.allow_mix,
+        "progress": not args.no_progress,
+    }
 
 
 def _pretrain(args: argparse.Namespace) -> int:

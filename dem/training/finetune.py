@@ -58,6 +58,7 @@ def finetune(
     custom_sources: Mapping[str, Mapping[str, Any]] | None = None,
     overwrite: bool = False,
     replace: bool = False,
+    allow_mix: bool = False,
     progress: bool = True,
     callback: Callable[[int, dict], None] | None = None,
     **overrides: Any,
@@ -69,7 +70,8 @@ def finetune(
     every ``save_every`` steps, from which an interrupted run resumes to the same weights. ``source_kwargs`` go to
     every :func:`dem.sources.get_source`; ``custom_sources`` maps a mixture name to a
     ``get_source`` dict spec (your own data). ``overwrite`` discards whatever is in
-    ``out_dir``; ``replace`` redoes a dem run there only if its parameters differ.
+    ``out_dir``; ``replace`` redoes a dem run there only if its parameters differ; ``allow_mix``
+    resumes a checkpoint written with another torch, device, dtype or thread count.
     ``callback(step, log_row)`` is called after every optimizer step.
 
     ``lora_r > 0`` trains LoRA adapters instead of every weight (see :mod:`dem.training.lora`);
@@ -91,10 +93,10 @@ def finetune(
     out = Path(out_dir)
     accelerator = accelerator_for(s.device)
     params = _parameters(base, mixture, source_kwargs, custom_sources, s, accelerator)
-    work, cached = prepare_synced(accelerator, out, params, overwrite, replace)
+    work, cached = prepare_synced(accelerator, out, params, overwrite, replace, allow_mix)
     if cached is not None:
         return cached
-    record = training_record("finetune", params)
+    record = training_record("finetune", params, accelerator)
     start_run(accelerator, work, record)
     with discard_if_untrained(accelerator, work):
         with transformers_bars(progress):

@@ -47,6 +47,7 @@ def pretrain(
     settings: PretrainSettings | None = None,
     overwrite: bool = False,
     replace: bool = False,
+    allow_mix: bool = False,
     progress: bool = True,
     callback: Callable[[int, dict], None] | None = None,
     **overrides: Any,
@@ -55,18 +56,20 @@ def pretrain(
 
     ``settings`` (default :class:`PretrainSettings`), updated by ``overrides`` (its field
     names: ``steps``, ``hidden_size``, ...). Cached by its parameters: if ``out_dir`` already
-    holds a finished pretraining with the same parameters, nothing is recomputed. The folder is
-    an ordinary HF model folder plus ``train_log.csv``, ``cost.json`` and ``dem_train.json``.
+    holds a finished pretraining with the same parameters, nothing is recomputed; an unfinished
+    one resumes (on another torch, device, dtype or thread count only with ``allow_mix``). The
+    folder is an ordinary HF model folder plus ``train_log.csv``, ``cost.json`` and
+    ``dem_train.json``.
     """
     s = (settings or PretrainSettings()).updated(**overrides)
     out = Path(out_dir)
     corpus = {"generic": pretraining, "knowledge": knowledge}[s.corpus]
     params = s.parameters(corpus.CORPUS_VERSION)
     accelerator = accelerator_for(s.device)
-    work, cached = prepare_synced(accelerator, out, params, overwrite, replace)
+    work, cached = prepare_synced(accelerator, out, params, overwrite, replace, allow_mix)
     if cached is not None:
         return out
-    record = training_record("pretrain", params)
+    record = training_record("pretrain", params, accelerator)
     start_run(accelerator, work, record)
 
     tokenizer = build_tiny_tokenizer()

@@ -24,7 +24,7 @@ from typing import Any
 from dem import DemError
 from dem.io import write_json, write_text
 from dem.model_card import write_card
-from dem.provenance import provenance
+from dem.provenance import check_same_machine, machine, provenance
 
 CHECKPOINT = "checkpoint"  # the subfolder of <out>.partial an interrupted run resumes from
 RECORD = "dem_train.json"
@@ -66,11 +66,22 @@ def read_record(folder: Path) -> dict | None:
         return None
 
 
-def training_record(kind: str, params: dict) -> dict:
-    """What ``dem_train.json`` holds: the run's parameters and its provenance."""
+def run_machine(accelerator: Any) -> dict:
+    """This process's machine as a run records it (threads: set by the caller beforehand)."""
     import torch
 
-    record = {"kind": kind, "parameters": params, **provenance()}
+    from dem.models import pick_dtype
+
+    dtype = str(pick_dtype(accelerator.device)).removeprefix("torch.")
+    return machine(accelerator.device.type, dtype, torch.get_num_threads())
+
+
+def training_record(kind: str, params: dict, accelerator: Any) -> dict:
+    """What ``dem_train.json`` holds: the run's parameters, machine and provenance."""
+    import torch
+
+    record = {"kind": kind, "parameters": params, "machine": run_machine(accelerator)}
+    record.update(provenance())
     # Kept from before the shared provenance record, for readers of older runs.
     record["git_commit"] = record["git"]["commit"]
     record["cpu_threads"] = torch.get_num_threads()
@@ -78,14 +89,20 @@ def training_record(kind: str, params: dict) -> dict:
 
 
 def prepare_run(
-    out: Path, params: dict, overwrite: bool, replace: bool = False
+    out: Path,
+    params: dict,
+    overwrite: bool,
+    replace: bool = False,
+    this_machine: dict | None = None,
+    allow_mix: bool = False,
 ) -> tuple[Path, dict | None]:
     """Decide what to do with ``out``; return (working folder, cost of a finished same run).
 
     Finished same run: nothing to do (the cached cost comes back). Unfinished same run in
     ``<out>.partial``: resume it. A dem run with other parameters: replace it if ``replace``
     (``dem run`` reruns a step whose parameters changed). Anything else in the way: refuse
-    unless ``overwrite``.
+    unless ``overwrite``. Resuming a checkpoint written on a machine other than
+    ``this_machine`` (torch, device, dtype, threads) is refused unless ``allow_mix``.
     """
     partial = out.with_name(out.name + ".partial")
     for folder in (out, partial):
@@ -120,19 +137,28 @@ def prepare_run(
                 f"unfinished run {partial} has different parameters ({', '.join(changed)}); "
                 "pass overwrite=True to discard it"
             )
+        if record is not None and this_machine is not None and (partial / CHECKPOINT).exists():
+            what = f"unfinished run {partial}"
+            check_same_machine(record.get("machine"), this_machine, what, allow_mix)
     partial.mkdir(parents=True, exist_ok=True)
     return partial, None
 
 
 def prepare_synced(
-    accelerator: Any, out: Path, params: dict, overwrite: bool, replace: bool = False
+    accelerator: Any,
+    out: Path,
+    params: dict,
+    overwrite: bool,
+    replace: bool = False,
+    allow_mix: bool = False,
 ) -> tuple[Path, dict | None]:
     """:func:`prepare_run` on the main process first (it may delete), then on the others."""
+    here = run_machine(accelerator)
     if accelerator.is_main_process:
-        prepared = prepare_run(out, params, overwrite, replace)
+        prepared = prepare_run(out, params, overwrite, replace, here, allow_mix)
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
-        prepared = prepare_run(out, params, overwrite=False)
+        prepared = prepare_run(out, params, False, this_machine=here, allow_mix=allow_mix)
     return prepared
 
 
@@ -144,6 +170,9 @@ def changed_keys(old: Mapping, new: Mapping) -> list[str]:
 def start_run(accelerator: Any, work: Path, record: dict) -> None:
     """Mark ``work`` as a run in progress (its record, status running)."""
     if accelerator.is_main_process:
+        before = (read_record(work) or {}).get("machine")
+        if before and before != record["machine"]:  # resumed with allow_mix: the record says so
+            record["resumed_from_machine"] = before
         write_record(work / RECORD, {**record, "status": "running"})
 
 
