@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from dem import models
+from dem import bases, models
 from dem.search import InMemoryMerge, search_weights, validation_scorer
 from dem.sources import get_source
 
@@ -56,7 +56,7 @@ def main() -> None:
         vectors = {s: load_vector(args.run / "vectors" / s) for s in args.sources}
     elif args.model:
         model, tokenizer = models.load_model(
-            models.prepare_base(args.model, Path(".cache") / "bench-base"), device=device
+            bases.prepare_base(args.model, Path(".cache") / "bench-base"), device=device
         )
         vectors = _random_vectors(model, args.sources, 0)
     else:

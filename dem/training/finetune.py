@@ -16,6 +16,7 @@ import torch
 
 from dem import DemError
 from dem import models as dem_models
+from dem.bases import resolve_base
 from dem.data import encode_examples, pad_batch
 from dem.sources import get_source
 from dem.training.loop import accelerator_for, train_loop, transformers_bars
@@ -92,7 +93,9 @@ def finetune(
         src.examples("train"), src.examples("validation")
     out = Path(out_dir)
     accelerator = accelerator_for(s.device)
-    params = _parameters(base, mixture, source_kwargs, custom_sources, s, accelerator)
+    with accelerator.main_process_first():  # a GGUF base is converted once, by one process
+        folder = resolve_base(base)
+    params = _parameters(base, folder, mixture, source_kwargs, custom_sources, s, accelerator)
     work, cached = prepare_synced(accelerator, out, params, overwrite, replace, allow_mix)
     if cached is not None:
         return cached
@@ -100,8 +103,8 @@ def finetune(
     start_run(accelerator, work, record)
     with discard_if_untrained(accelerator, work):
         with transformers_bars(progress):
-            model, tokenizer = dem_models.load_model(base)
-        model = _prepare_model(model, base, s, accelerator)
+            model, tokenizer = dem_models.load_model(folder)
+        model = _prepare_model(model, base, folder, s, accelerator)
         encoded, val_batches, schedule = _data(tokenizer, sources, ratios, s, accelerator)
     data = dict(schedule=schedule, encoded=encoded, val_batches=val_batches)
     result = train_loop(model, tokenizer, work, settings=s, accelerator=accelerator,
@@ -115,11 +118,11 @@ def finetune(
     return result
 
 
-def _parameters(base, mixture, source_kwargs, custom_sources, s, accelerator) -> dict:
+def _parameters(base, folder, mixture, source_kwargs, custom_sources, s, accelerator) -> dict:
     """What the run records and compares on resume: its inputs and settings."""
     params = {
         "base": str(base),
-        "base_sha256": fingerprint(base),
+        "base_sha256": fingerprint(folder),
         "mixture": dict(mixture),
         "source_kwargs": source_kwargs,
         "custom_sources": custom_sources,
@@ -139,8 +142,14 @@ def _keep_adapter_and_merge(result: dict, work: Path) -> None:
     result["_model"] = merge_lora(result["_model"])
 
 
-def _prepare_model(model: Any, base, s: FinetuneSettings, accelerator: Any) -> Any:
-    """Activation recomputation where it is chosen, the length check, LoRA adapters."""
+def _prepare_model(model: Any, base, folder, s: FinetuneSettings, accelerator: Any) -> Any:
+    """What would fail at save, activation recomputation, the length check, LoRA adapters."""
+    quantized = getattr(model.config, "quantization_config", None)
+    if quantized is not None:  # transformers refuses to save it: found before training, not after
+        raise DemError(
+            f"base {base} is quantized ({getattr(quantized, 'quant_method', quantized)}) and a "
+            "fine-tune of it cannot be saved; start from an unquantized copy of it"
+        )
     checkpointing = use_gradient_checkpointing(s.gradient_checkpointing, accelerator.device)
     if checkpointing:
         # transformers 5 renamed it; the old name still works but warns.
@@ -151,7 +160,7 @@ def _prepare_model(model: Any, base, s: FinetuneSettings, accelerator: Any) -> A
             f"{model.config.max_position_embeddings}"
         )
     if s.lora():
-        model = add_lora(model, base, s.lora(), seed=s.seed, checkpointing=checkpointing)
+        model = add_lora(model, folder, s.lora(), seed=s.seed, checkpointing=checkpointing)
     return model
 
 

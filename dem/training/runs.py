@@ -28,6 +28,7 @@ from dem.provenance import check_same_machine, machine, provenance
 
 CHECKPOINT = "checkpoint"  # the subfolder of <out>.partial an interrupted run resumes from
 RECORD = "dem_train.json"
+KEPT_WEIGHTS = "trained.safetensors"  # the weights of a run whose save failed
 LOG_COLUMNS = (
     "step",
     "loss",
@@ -206,7 +207,7 @@ def complete(result: dict, tokenizer: Any, work: Path, out: Path, record: dict) 
     """Write the model, log, cost and record into ``work`` and rename it to ``out``."""
     log, model, main = result.pop("_log"), result.pop("_model"), result.pop("_main")
     if main:
-        model.save_pretrained(work)  # safetensors; the folder is renamed whole when done
+        _save_or_keep_weights(model, work)
         tokenizer.save_pretrained(work)
         write_log(work / "train_log.csv", log)
         final_val = next(
@@ -218,6 +219,22 @@ def complete(result: dict, tokenizer: Any, work: Path, out: Path, record: dict) 
         write_card(work)  # README.md from the records just written, before the rename
         finish_run(work, out)
     return result
+
+
+def _save_or_keep_weights(model: Any, work: Path) -> None:
+    """``model.save_pretrained(work)``; should it fail (a bug, a full disk), the trained weights
+    are first kept beside the checkpoint, where the error's traceback is followed by their path."""
+    try:
+        model.save_pretrained(work)  # safetensors; the folder is renamed whole when done
+    except Exception:
+        import sys
+
+        from safetensors.torch import save_model
+
+        kept = work / KEPT_WEIGHTS
+        save_model(model, str(kept))  # handles tied weights, as save_pretrained does
+        print(f"saving the trained model failed; its weights are kept in {kept}", file=sys.stderr)
+        raise
 
 
 def finish_run(work: Path, out: Path) -> None:
