@@ -96,6 +96,34 @@ CASES = [
         ["finetune", "--base", "{base}", "--source", "arithmetic", "--out", "{occupied}", *FAST],
         "occupied",
     ),
+    (
+        "ft-base-package",
+        [
+            "finetune",
+            "--base",
+            "package:no_such_pkg/m.gguf",
+            "--source",
+            "arithmetic",
+            "--out",
+            "{out}",
+            *FAST,
+        ],
+        "no-such-pkg",
+    ),
+    (
+        "ft-base-gguf-missing",
+        [
+            "finetune",
+            "--base",
+            "{dir}/absent.gguf",
+            "--source",
+            "arithmetic",
+            "--out",
+            "{out}",
+            *FAST,
+        ],
+        "absent.gguf",
+    ),
     # dem pretrain
     ("pt-steps-zero", ["pretrain", "--out", "{out}", "--steps", "0"], "steps"),
     (
@@ -201,6 +229,11 @@ CASES = [
         "merge-architecture",
         ["merge", "--base", "{base}", "--model", "{llama}=0.5", "--out", "{out}", "--no-progress"],
         "llama",
+    ),
+    (
+        "merge-shipped-base",
+        ["merge", "--base", "dem:no-such-base", "--model", "{llama}=0.5", "--out", "{out}"],
+        "dem:no-such-base",
     ),
     # dem run
     (
