@@ -49,10 +49,10 @@ TABLES = {
     "04_dem_tpe_trials": ".csv",  # 04: Optuna's TPE sampler, as many candidates as the grid
     "04_mde_trials": ".csv",  # 04: the output ensemble's weight search
     "04_merge_test": ".csv",  # 04 -> 06: test scores of DEM and the merging baselines
-    "04_merge_settings": ".json",  # 04 -> 06: searched weights, λs, the search's cost
+    "04_merge_settings": ".json",  # 04 -> 05, 06: DEM's weights, λs, the searches' costs (records)
     "05_dmix_costs": ".csv",  # 05 -> 06: cost record of each DMix run
     "05_dmix_test": ".csv",  # 05 -> 06: test scores of each DMix run
-    "05_dmix_best": ".txt",  # 05 -> 06: the label of the ratio chosen on validation
+    "05_dmix": ".json",  # 05 -> 06: the DMix runs; which is uniform, best, DEM-guided (records)
     "05_dmix_dem_guided_cost": ".csv",  # 05 -> 06: cost of the DMix run at DEM's weights
     "06_results": ".csv",  # 06: metrics.json as a table
     "06_claims": ".csv",  # 06: the paper's claims, checked on this run

@@ -4,7 +4,6 @@ cost of each method and the paper's claims checked on the run (chapter 06).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,22 +13,7 @@ import pandas as pd
 from dem import DemError, progress
 from dem.io import atomic_file
 from dem.layout import RunLayout
-
-# The merging baselines of chapter 04: all start from the K per-source fine-tunes. The last
-# three are its `more_merges` (dem.baselines.MORE_MERGES), reported when a run evaluated them.
-MERGE_BASELINES = (
-    "average",
-    "task_arithmetic",
-    "ties",
-    "dare",
-    "breadcrumbs",
-    "della",
-    "model_stock",
-)
-# chapter 04's searches beyond the grid, each with its own cost: DEM's weights by gradient, one
-# weight per source and block of layers (50 steps; and AdaMerging's hundreds), Optuna's TPE
-# sampler, and the output ensemble of the fine-tunes (MDE)
-BEYOND_GRID = ("dem_gradient", "dem_layer", "dem_adamerging", "dem_tpe", "mde")
+from dem.records import DMixRecord, MergeRecord
 
 
 def write_table(table: pd.DataFrame, path: str | Path, **to_csv) -> Path:
@@ -140,32 +124,37 @@ def summary_text(metrics: Mapping) -> str:
 
 @dataclass
 class ChapterResults:
-    """What chapters 02, 04 and 05 measured, read back from the run folder."""
+    """What chapters 02 to 05 measured, read back from the run folder: score and cost tables
+    (one row per model) and the records of chapters 04 and 05, read by field."""
 
     scores: pd.DataFrame  # every test evaluation: model, source, metric, value
     ft_costs: pd.DataFrame  # per-source fine-tunes (02), indexed by source
-    dmix_costs: pd.DataFrame  # DMix runs (05), indexed by label; the first is uniform
-    merge_settings: dict  # 04: searched weights, λs, the weight search's cost
-    dmix_best: str  # 05: label of the DMix run chosen on validation
+    merge: MergeRecord  # 04: DEM's weights, the λs, what each search cost
+    merged: list[str]  # 04: every method it scored, in its order
+    dmix: DMixRecord  # 05: the DMix runs and which is uniform, best and DEM-guided
+    dmix_costs: pd.DataFrame  # 05: cost of every DMix run, indexed by label
     relative_norms: pd.DataFrame  # 03: ‖v_i‖ / ‖θ0‖ per source
     barriers: pd.DataFrame | None  # 03: loss barrier between each pair of fine-tunes (if run)
     merge_gaps: pd.DataFrame | None  # 03: best loss between two fine-tunes minus the experts'
-    dmix_guided: pd.DataFrame | None = None  # 05: the DMix run at DEM's weights (if it ran)
 
     @classmethod
     def load(cls, layout: RunLayout) -> ChapterResults:
-        names = ("02_individual_test", "04_merge_test", "05_dmix_test")
-        scores = pd.concat([pd.read_csv(layout.table(n)) for n in names], ignore_index=True)
+        tables = {n: pd.read_csv(layout.table(n)) for n in ("02_individual_test", "04_merge_test",
+                                                            "05_dmix_test")}  # fmt: skip
+        dmix = DMixRecord.load(layout)
+        costs = [pd.read_csv(layout.table("05_dmix_costs"), index_col=0)]
+        if dmix.guided:
+            costs.append(pd.read_csv(layout.table("05_dmix_dem_guided_cost"), index_col=0))
         return cls(
-            scores=scores,
+            scores=pd.concat(tables.values(), ignore_index=True),
             ft_costs=pd.read_csv(layout.table("02_finetune_costs"), index_col=0),
-            dmix_costs=pd.read_csv(layout.table("05_dmix_costs"), index_col=0),
-            merge_settings=json.loads(layout.table("04_merge_settings").read_text()),
-            dmix_best=layout.table("05_dmix_best").read_text().strip(),
+            merge=MergeRecord.load(layout),
+            merged=list(dict.fromkeys(tables["04_merge_test"].model)),
+            dmix=dmix,
+            dmix_costs=pd.concat(costs),
             relative_norms=pd.read_csv(layout.table("03_relative_norms")),
             barriers=_optional_table(layout, "03_barriers"),
             merge_gaps=_optional_table(layout, "03_merge_gaps"),
-            dmix_guided=_optional_table(layout, "05_dmix_dem_guided_cost", index_col=0),
         )
 
     @property
@@ -175,10 +164,6 @@ class ChapterResults:
         return acc.pivot_table(index="model", columns="source", values="value", sort=False)
 
     @property
-    def dmix_uniform(self) -> str:
-        return self.dmix_costs.index[0]
-
-    @property
     def finetunes_cost(self) -> tuple:
         """(training tokens, wall seconds) of the K per-source fine-tunes together."""
         return self.ft_costs.train_tokens.sum(), self.ft_costs.wall_s.sum()
@@ -186,16 +171,19 @@ class ChapterResults:
     @property
     def dmix_search_cost(self) -> tuple:
         """(training tokens, wall seconds) of every run of the DMix ratio search."""
-        return self.dmix_costs.train_tokens.sum(), self.dmix_costs.wall_s.sum()
+        search = self.dmix_costs.loc[list(self.dmix.runs)]
+        return search.train_tokens.sum(), search.wall_s.sum()
 
     def model_of(self, method: str) -> str:
         """The model (row of :attr:`accuracy`) a method of ``metrics.json`` reports."""
-        return {"dmix_uniform": self.dmix_uniform, "dmix_best": self.dmix_best}.get(method, method)
+        dmix = {"dmix_uniform": self.dmix.uniform, "dmix_best": self.dmix.best}
+        if self.dmix.guided:
+            dmix["dmix_dem_guided"] = self.dmix.guided
+        return dmix.get(method, method)
 
 
 def _optional_table(layout: RunLayout, name: str, **read_csv) -> pd.DataFrame | None:
-    # Chapter 03 skips the path measurements when path_points is empty; chapter 05 the guided
-    # DMix run when DEM chose the base.
+    # Chapter 03 skips the path measurements when path_points is empty.
     path = layout.table(name)
     return pd.read_csv(path, **read_csv) if path.exists() else None
 
@@ -209,40 +197,49 @@ def _by_pair(table: pd.DataFrame | None, column: str) -> dict | None:
 def method_costs(results: ChapterResults, names: Sequence[str]) -> dict[str, tuple]:
     """(training tokens, wall seconds[, forward passes]) per method, beyond the shared base.
 
-    DEM pays the K fine-tunes plus its weight search (each search beyond the grid its own);
-    the merging baselines the K fine-tunes; the best DMix **all** runs of its ratio search
-    (that is what finding the ratio took); the uniform DMix its one run; the DEM-guided DMix
-    DEM's fine-tunes and grid search (they gave its ratio) plus its one run. The output
-    ensemble also pays at inference: one forward pass per member it uses.
+    Every method chapter 04 scored is reported: DEM pays the K fine-tunes plus its grid search,
+    a search beyond the grid (``searches`` of its record) the fine-tunes plus its own search, any
+    other merge the K fine-tunes. The best DMix pays **all** runs of its ratio search (that is
+    what finding the ratio took); the uniform DMix its one run; the DEM-guided DMix DEM's
+    fine-tunes and grid search (they gave its ratio) plus its one run. The output ensemble also
+    pays at inference: one forward pass per member it uses.
     """
-    ft, dmix = results.ft_costs, results.dmix_costs
     dem_tokens, dem_wall = results.finetunes_cost
-    search_tokens, search_wall = results.dmix_search_cost
-    uniform = results.dmix_uniform
-    searches = results.merge_settings.get("searches", {})  # absent in runs made before them
-    return {
-        "base": (0, 0),
-        **{f"individual/{n}": (ft.train_tokens[n], ft.wall_s[n]) for n in names},
-        "dem": (dem_tokens, dem_wall + results.merge_settings["search"]["wall_s"]),
-        **{m: (dem_tokens, dem_wall) for m in MERGE_BASELINES if m in results.accuracy.index},
-        **{
-            m: (dem_tokens, dem_wall + searches[m]["wall_s"], searches[m].get("forward_passes", 1))
-            for m in BEYOND_GRID
-            if m in searches
-        },  # fmt: skip
-        "dmix_uniform": (dmix.train_tokens[uniform], dmix.wall_s[uniform]),
-        "dmix_best": (search_tokens, search_wall),
-        **_guided_cost(results),
-    }
+    grid_wall = results.merge.search["wall_s"]
+    costs = {"base": (0, 0)}
+    costs |= {f"individual/{n}": tuple(results.ft_costs.loc[n, ["train_tokens", "wall_s"]])
+              for n in names}  # fmt: skip
+    for method in results.merged:
+        search = results.merge.searches.get(method)
+        if method == "dem":
+            costs[method] = (dem_tokens, dem_wall + grid_wall)
+        elif search is not None:
+            costs[method] = (
+                dem_tokens,
+                dem_wall + search["wall_s"],
+                search.get("forward_passes", 1),
+            )
+        else:
+            costs[method] = (dem_tokens, dem_wall)
+    dmix = results.dmix_costs
+    costs["dmix_uniform"] = tuple(dmix.loc[results.dmix.uniform, ["train_tokens", "wall_s"]])
+    costs["dmix_best"] = results.dmix_search_cost
+    if results.dmix.guided:
+        guided = dmix.loc[results.dmix.guided]
+        costs["dmix_dem_guided"] = (dem_tokens + guided.train_tokens,
+                                    dem_wall + grid_wall + guided.wall_s)  # fmt: skip
+    _check_every_model_reported(results, costs)
+    return costs
 
 
-def _guided_cost(results: ChapterResults) -> dict[str, tuple]:
-    guided = results.dmix_guided
-    if guided is None:
-        return {}
-    tokens, wall = results.finetunes_cost
-    wall += results.merge_settings["search"]["wall_s"]
-    return {"dmix_dem_guided": (tokens + guided.train_tokens.sum(), wall + guided.wall_s.sum())}
+def _check_every_model_reported(results: ChapterResults, costs: Mapping[str, tuple]) -> None:
+    """A scored model no method reports is an error, never a silent drop (the ratio search's
+    runs other than the chosen ones are reported through dmix_best)."""
+    reported = {results.model_of(m) for m in costs} | set(results.dmix.runs)
+    dropped = [m for m in results.accuracy.index if m not in reported]
+    if dropped:
+        raise DemError(f"scored but reported by no method: {dropped}; give them a cost rule in "
+                       "dem.results.method_costs")  # fmt: skip
 
 
 def build_metrics(results: ChapterResults, names: Sequence[str], composite: str = "") -> dict:
@@ -266,8 +263,8 @@ def build_metrics(results: ChapterResults, names: Sequence[str], composite: str 
         "composite_source": composite or None,
         "metric": "accuracy",
         "methods": methods,
-        "dem_weights": results.merge_settings["dem_weights"],
-        "dmix_best_ratio": results.dmix_best,
+        "dem_weights": results.merge.dem_weights,
+        "dmix_best_ratio": results.dmix.best,
         "cost_ratio_dmix_search_over_dem": float(search_tokens / dem_tokens),
         "vectors": {
             "relative_norm": dict(

@@ -14,6 +14,7 @@ import pytest
 import yaml
 from conftest import dem_run
 
+from dem.config_files import load_config
 from dem.pipeline import NOTEBOOKS, PARAMS, notebooks
 
 BOOKS = notebooks()
@@ -78,7 +79,7 @@ def smoke_run(tmp_path_factory):
 def test_smoke_run_writes_metrics_with_every_method(smoke_run):
     metrics = json.loads((smoke_run / "metrics.json").read_text())
     sources = metrics["sources"]
-    params = yaml.safe_load((PARAMS / "smoke.yaml").read_text())
+    params = load_config(PARAMS / "smoke.yaml").to_dict()
     assert sources == params["sources"]
     required = {
         "base",
@@ -123,12 +124,12 @@ def test_smoke_run_writes_figures_notebooks_and_manifest(smoke_run):
     assert executed == [p.name for p in BOOKS]
     manifest = json.loads((smoke_run / "manifest.json").read_text())
     assert set(manifest["steps"]) == {p.stem for p in BOOKS}
-    assert manifest["seed"] == yaml.safe_load((PARAMS / "smoke.yaml").read_text())["seed"]
+    assert manifest["seed"] == load_config(PARAMS / "smoke.yaml").seed
     assert all(step["wall_s"] > 0 for step in manifest["steps"].values())
 
 
 def test_per_source_steps_and_dmix_budget_of_their_sum(smoke_run):
-    params = yaml.safe_load((PARAMS / "smoke.yaml").read_text())
+    params = load_config(PARAMS / "smoke.yaml").to_dict()
     steps = {s: params["source_steps"].get(s, params["finetune_steps"]) for s in params["sources"]}
     assert len(set(steps.values())) > 1  # smoke.yaml overrides one source
     models = smoke_run / "models"

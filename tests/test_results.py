@@ -8,8 +8,9 @@ import json
 import pandas as pd
 import pytest
 
-from dem.io import write_json, write_text
+from dem import DemError
 from dem.layout import RunLayout
+from dem.records import DMixRecord, MergeRecord, uniform_run
 from dem.results import (
     ChapterResults,
     build_metrics,
@@ -66,19 +67,23 @@ def layout(tmp_path):
         {"train_tokens": [400, 400], "wall_s": [3.0, 5.0]}, index=["dmix_1-1", "dmix_2-1"]
     )
     write_table(dmix, layout.table("05_dmix_costs"))
-    write_json(
-        layout.table("04_merge_settings"),
-        {"dem_weights": {"a": 1.0, "b": 0.5}, "search": {"wall_s": 0.25}},
-    )
-    write_text(layout.table("05_dmix_best"), "dmix_2-1\n")
+    _merge_record().save(layout)
+    runs = {"dmix_1-1": {"a": 1.0, "b": 1.0}, "dmix_2-1": {"a": 2.0, "b": 1.0}}
+    DMixRecord(runs=runs, uniform="dmix_1-1", best="dmix_2-1").save(layout)
     relative = pd.DataFrame({"source": NAMES, "relative": [0.01, 0.02]})
     write_table(relative, layout.table("03_relative_norms"), index=False)
     return layout
 
 
+def _merge_record(**searches) -> MergeRecord:
+    return MergeRecord(dem_weights={"a": 1.0, "b": 0.5}, lambdas={}, search={"wall_s": 0.25},
+                       strategy="grid", metric="accuracy", ties_density=0.2, dare_drop_prob=0.5,
+                       more_merges=[], searches=searches)  # fmt: skip
+
+
 def test_costs_charge_dem_its_finetunes_and_search_and_dmix_its_whole_ratio_search(layout):
     chapters = ChapterResults.load(layout)
-    assert chapters.dmix_best == "dmix_2-1" and chapters.dmix_uniform == "dmix_1-1"
+    assert chapters.dmix.best == "dmix_2-1" and chapters.dmix.uniform == "dmix_1-1"
     costs = method_costs(chapters, NAMES)
     assert list(costs) == [
         "base", "individual/a", "individual/b", "dem", "average", "task_arithmetic", "ties",
@@ -97,11 +102,12 @@ def test_searches_beyond_the_grid_pay_their_own_search_and_the_ensemble_its_infe
     extra = tidy[tidy.model == "dem"].assign(model="mde")
     searched = [extra.assign(model=m) for m in ("dem_gradient", "dem_adamerging", "dem_tpe")]
     write_table(pd.concat([tidy, *searched, extra]), layout.table("04_merge_test"), index=False)
-    write_json(layout.table("04_merge_settings"),
-               {"dem_weights": {"a": 1.0, "b": 0.5}, "search": {"wall_s": 0.25},
-                "searches": {"dem_gradient": {"wall_s": 0.5}, "dem_adamerging": {"wall_s": 4.0},
-                             "dem_tpe": {"wall_s": 0.75},
-                             "mde": {"wall_s": 2.0, "forward_passes": 2}}})  # fmt: skip
+    _merge_record(
+        dem_gradient={"wall_s": 0.5},
+        dem_adamerging={"wall_s": 4.0},
+        dem_tpe={"wall_s": 0.75},
+        mde={"wall_s": 2.0, "forward_passes": 2},
+    ).save(layout)
     chapters = ChapterResults.load(layout)
     costs = method_costs(chapters, NAMES)
     assert "dem_layer" not in costs  # not run: not reported
@@ -180,13 +186,35 @@ def test_dem_guided_dmix_pays_dems_finetunes_and_search_and_its_own_run(layout):
     tidy = pd.read_csv(layout.table("05_dmix_test"))
     guided = tidy[tidy.model == "dmix_2-1"].assign(model="dmix_dem_guided")
     write_table(pd.concat([tidy, guided]), layout.table("05_dmix_test"), index=False)
-    assert "dmix_dem_guided" not in method_costs(ChapterResults.load(layout), NAMES)  # not run
+    with pytest.raises(DemError, match="scored but reported by no method: \\['dmix_dem_guided'\\]"):
+        method_costs(ChapterResults.load(layout), NAMES)  # scored, but the record has no guided run
     cost = pd.DataFrame({"train_tokens": [400], "wall_s": [4.0]}, index=["dmix_dem_guided"])
     write_table(cost, layout.table("05_dmix_dem_guided_cost"))
+    record = DMixRecord.load(layout)
+    record.guided = "dmix_dem_guided"
+    record.save(layout)
     chapters = ChapterResults.load(layout)
     # the fine-tunes (400 tokens, 3 s) and the grid search (0.25 s) gave its ratio; its run: 400, 4 s
     assert method_costs(chapters, NAMES)["dmix_dem_guided"] == (800, 7.25)
-    assert chapters.dmix_uniform == "dmix_1-1"  # not a run of the ratio search
+    assert chapters.dmix.uniform == "dmix_1-1"
+    assert chapters.dmix_search_cost == (800, 8.0)  # the guided run is not one of the ratio search
     entry = build_metrics(chapters, NAMES, "c")["methods"]["dmix_dem_guided"]
     assert entry["test"] == {"a": 0.8, "b": 0.6}
     assert entry["cost"] == {"train_tokens": 800, "wall_s": 7.25, "forward_passes": 1}
+
+
+def test_a_method_chapter_04_scored_is_reported_whatever_its_name(layout):
+    tidy = pd.read_csv(layout.table("04_merge_test"))
+    new = tidy[tidy.model == "ties"].assign(model="a_new_merge")
+    write_table(pd.concat([tidy, new]), layout.table("04_merge_test"), index=False)
+    metrics = build_metrics(ChapterResults.load(layout), NAMES, "c")
+    assert metrics["methods"]["a_new_merge"]["cost"]["train_tokens"] == 400
+
+
+def test_records_are_read_by_field_and_a_missing_one_names_its_chapter(layout, tmp_path):
+    assert MergeRecord.load(layout).dem_weights == {"a": 1.0, "b": 0.5}
+    with pytest.raises(DemError, match="run chapter 05 first"):
+        DMixRecord.load(RunLayout(tmp_path / "empty"))
+    assert uniform_run({"x": {"a": 2.0, "b": 1.0}, "y": {"a": 1.0, "b": 1.0}}) == "y"
+    with pytest.raises(DemError, match="no uniform ratio"):
+        uniform_run({"x": {"a": 2.0, "b": 1.0}})

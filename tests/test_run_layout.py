@@ -40,7 +40,7 @@ def test_layout_keeps_the_documented_names(tmp_path):
     assert layout.executed_notebook("01_a.ipynb") == tmp_path / "notebooks" / "01_a.ipynb"
     assert layout.table("04_dem_trials") == tmp_path / "tables" / "04_dem_trials.csv"
     assert layout.table("04_merge_settings") == tmp_path / "tables" / "04_merge_settings.json"
-    assert layout.table("05_dmix_best") == tmp_path / "tables" / "05_dmix_best.txt"
+    assert layout.table("05_dmix") == tmp_path / "tables" / "05_dmix.json"
     assert layout.figure("06_cost_vs_quality") == tmp_path / "figures" / "06_cost_vs_quality.png"
     assert not any(tmp_path.iterdir()), "naming a path must not create it"
 
