@@ -190,10 +190,19 @@ def layer_weights(w: Mapping[str, float]) -> pd.DataFrame:
 
 # --- chapter 05: choosing the mixture ratio ------------------------------------------------------
 def choose_mixture(validation: pd.DataFrame, metric: str) -> tuple[pd.Series, str]:
-    """Mean validation ``metric`` per DMix run, and the best run (lowest loss, else highest)."""
+    """Mean validation ``metric`` per DMix run, and the best run (lowest loss, else highest).
+
+    Ties go to the first run in the table's order (the grid's): accuracies are counts, so two
+    ratios often tie exactly, and means of the same counts summed in another order may differ
+    in the last bit -- equal within 1e-9 counts as a tie. Across CPUs the runs themselves differ
+    in the last bits (vector kernels reduce in another order: every fine-tune's weights differ
+    between ATEN_CPU_CAPABILITY=avx512, avx2 and default, benchmarks/check_cpu_reproducibility.py),
+    which can move one validation example and so the choice; that is stated, not removable.
+    """
     scores = validation.groupby("model", sort=False)["value"].mean()
-    best = scores.idxmin() if MINIMIZE[metric] else scores.idxmax()
-    return scores, best
+    best_value = scores.min() if MINIMIZE[metric] else scores.max()
+    tied = scores[(scores - best_value).abs() <= 1e-9 * max(1.0, abs(best_value))]
+    return scores, tied.index[0]
 
 
 def dem_guided_mixture(dem_weights: Mapping[str, float]) -> dict[str, float] | None:

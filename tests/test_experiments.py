@@ -158,6 +158,27 @@ def test_choose_mixture_minimises_a_loss_and_maximises_an_accuracy():
     assert experiments.choose_mixture(validation, "accuracy")[1] == "m2"
 
 
+@pytest.mark.parametrize("metric", ["accuracy", "loss"])
+def test_choose_mixture_breaks_ties_by_the_grids_order(metric):
+    """The same per-source scores in another order tie even where their float means differ in
+    the last bit; the first run of the table wins, whichever way round the table lists them."""
+    high, low = [0.33, 0.65, 0.62, 0.515], [0.65, 0.33, 0.62, 0.515]  # k/200 accuracies
+    other = [0.1] * 4 if metric == "accuracy" else [0.9] * 4
+    rows = {"2-1-1-1": high, "1-2-1-1": low, "1-1-1-1": other}
+    for order in (["2-1-1-1", "1-2-1-1", "1-1-1-1"], ["1-1-1-1", "1-2-1-1", "2-1-1-1"]):
+        validation = pd.DataFrame(
+            [{"model": m, "source": s, "value": v}
+             for m in order for s, v in zip("wxyz", rows[m], strict=True)]
+        )  # fmt: skip
+        scores, best = experiments.choose_mixture(validation, metric)
+        assert scores["2-1-1-1"] != scores["1-2-1-1"]  # summation order alone moved the mean
+        assert best == [m for m in order if m != "1-1-1-1"][0]
+    # one example more (of 200) on one source is not a tie
+    better = 0.005 if metric == "accuracy" else -0.005
+    validation.loc[(validation.model == "2-1-1-1") & (validation.source == "w"), "value"] += better
+    assert experiments.choose_mixture(validation, metric)[1] == "2-1-1-1"
+
+
 def test_swap_record_is_plain_json_of_weights_scores_and_costs():
     cost = pd.DataFrame(
         [
