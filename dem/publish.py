@@ -72,6 +72,15 @@ def _relative_paths(text: str, root: Path) -> str:
     return text.replace(root + "/", "").replace(root, ".")
 
 
+def _command(argv: list[str], sweep: bool) -> str:
+    """The recorded command as a user types it: ``dem`` for the program, and a path given to
+    it by its last part (the folder names the run; the machine's folders do not matter)."""
+    if not argv:
+        return "dem sweep" if sweep else "dem run"
+    words = ["dem"] + [Path(w).name if w.startswith("/") else w for w in argv[1:]]
+    return " ".join(words)
+
+
 def _index(manifest: dict, chapters: list[str]) -> str:
     steps = manifest.get("steps", {})
     git = manifest.get("git", {})
@@ -84,7 +93,7 @@ def _index(manifest: dict, chapters: list[str]) -> str:
         "",
         f"- parameters: `{Path(manifest['params_file']).name}`"
         + ("" if manifest.get("seed") is None else f", seed {manifest['seed']}"),
-        f"- command: `{' '.join(manifest.get('command', []) or []) or 'dem run'}`",
+        f"- command: `{_command(manifest.get('command') or [], sweep)}`",
         f"- commit: `{git.get('commit')}`{' (uncommitted changes)' if git.get('dirty') else ''}",
         f"- started: {manifest.get('started')}, finished: {manifest.get('finished')}",
         "",
