@@ -448,18 +448,23 @@ def run_sweep(
     plan_only: bool = False,
     only_cells: Sequence[str] = (),
     chapter: bool = True,
+    refresh: bool = False,
     log: Callable[[str], None] = print,
 ) -> list[PlannedCell]:
     """Plan the sweep, then run every unfinished selected cell, rewriting the tables after each.
 
     Everything is checked before anything is written: the sweep file, every cell's parameters
     and the ``only_cells`` patterns. ``chapter``: execute chapter 07 on the tables at the end.
+    ``refresh``: pass finished cells through dem run too, which reruns only the chapters whose
+    notebook or settings changed since (a new method in chapter 04 reaches every cell).
     """
     path = resolve_sweep(sweep_file)
     config = load_sweep(path)
     out = Path(out).resolve()
     plan = make_plan(config, out, f"sweep file {path}")
     selected = pick(plan, only_cells)
+    for p in selected if refresh and not plan_only else ():
+        p.done = False
     if plan_only:
         log(plan_text(selected))
         return selected
@@ -554,7 +559,7 @@ def cell_info(planned: PlannedCell, cell_dir: Path) -> dict:
         "kind": cell.kind,
         "seed": cell.seed,
         "device": _device(manifest),
-        # the code that ran the cell's chapters (a sweep may span commits)
+        # the code of the last dem run over the cell (a sweep may span commits)
         "commit": (manifest.get("git", {}).get("commit") or "")[:12],
         "finetune_steps": manifest["parameters"]["finetune_steps"],
         "cell_wall_s": planned.wall_s,

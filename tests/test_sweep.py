@@ -256,10 +256,17 @@ def test_smoke_sweep_fills_the_tables_resumes_and_publishes(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stdout.count("finished earlier, skipped") == 2 and "running" not in again.stdout
     assert ((out / "results.csv").read_bytes(), (out / "diagnostics.csv").read_bytes()) == tables
-
     assert main(["publish", str(out), "--out", str(tmp_path / "docs")]) == 0
     assert (tmp_path / "docs" / "07_when_dem_works.md").is_file()
     assert (tmp_path / "docs" / "results.csv").read_bytes() == tables[0]
+    # --refresh passes finished cells through dem run, which finds every chapter unchanged
+    refreshed = _dem("sweep", "--params", "smoke", "--out", out, "--no-chapter", "--refresh")
+    assert refreshed.returncode == 0 and refreshed.stdout.count("running") == 2
+    # the same numbers; only the commit column may move (the last dem run's commit)
+    pd.testing.assert_frame_equal(pd.read_csv(out / "results.csv").drop(columns="commit"),
+                                  results.drop(columns="commit"))  # fmt: skip
+    log = (out / "logs" / "h64-x1-full-s0.log").read_text()
+    assert log.count("unchanged, skipped") == 6
 
 
 def test_cli_refuses_a_bad_sweep_file_in_one_line_and_writes_nothing(tmp_path):

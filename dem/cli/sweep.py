@@ -26,6 +26,9 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
                    help="print every cell with its estimated time, then exit without running")  # fmt: skip
     p.add_argument("--only-cells", nargs="+", default=[], metavar="PATTERN",
                    help="run only the cells whose id matches a pattern, e.g. 'h64-*' '*-s0'")  # fmt: skip
+    p.add_argument("--refresh", action="store_true",
+                   help="pass finished cells through dem run too: it reruns only the chapters "
+                   "whose notebook or settings changed (new methods after a code change)")  # fmt: skip
     p.add_argument("--no-chapter", action="store_true",
                    help="write the tables but do not execute chapter 07 at the end")  # fmt: skip
     p.set_defaults(func=_sweep)
@@ -44,7 +47,7 @@ def _sweep(args: argparse.Namespace) -> int:
         ours = (out / "manifest.json").is_file()
         refuse_foreign_folder(out, lambda _name: ours, "a dem sweep folder (no manifest.json)")
     run_sweep(args.params, args.out, plan_only=args.plan, only_cells=args.only_cells,
-              chapter=not args.no_chapter)  # fmt: skip
+              chapter=not args.no_chapter, refresh=args.refresh)  # fmt: skip
     if not args.plan:
         print(f"sweep tables: {args.out}/results.csv, {args.out}/diagnostics.csv")
     return 0
