@@ -1,8 +1,7 @@
 """Every setting of a tutorial run, declared once: :class:`RunConfig`.
 
 Each field is one setting with its type, its default and a one-line why; the defaults *are* the
-embedded default (``notebooks/params/default.yaml`` adds nothing to them). Everything else is
-derived from this list:
+embedded default (``notebooks/params/default.yaml`` adds nothing to them). From this list:
 
 - the chapters' ``parameters`` cells (``python -m dem.config_files`` writes them from the
   fields each chapter declares; ``tests/test_config.py`` checks that they agree);
@@ -11,8 +10,6 @@ derived from this list:
   outside its choices, naming the file and the key;
 - ``dem run --set KEY=VALUE`` and ``dem config``, which shows every setting with its why;
 - :meth:`dem.notebook.setup`, which checks the values a chapter was run with.
-
-Nothing here imports torch, so the command line can read it cheaply.
 """
 
 from __future__ import annotations
@@ -20,7 +17,7 @@ from __future__ import annotations
 import copy
 import typing
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -34,15 +31,13 @@ SELECT_METRICS = ("accuracy", "loss")
 
 
 def _strategies() -> tuple:
-    # The registry lives with the search; read lazily (it imports torch).
-    from dem.search import STRATEGIES
+    from dem.search import STRATEGIES  # the gradient search runs beside the chosen one (04)
 
-    # The gradient search runs beside the chosen strategy in chapter 04 (section 5).
     return tuple(s for s in STRATEGIES if s != "gradient")
 
 
 def _merge_methods() -> tuple:
-    from dem.methods import METHODS
+    from dem.methods import METHODS  # read lazily: it imports torch
 
     return tuple(METHODS)
 
@@ -412,6 +407,12 @@ def make_config(values: Mapping[str, Any], where: str = "parameters") -> RunConf
                 hint = " (YAML reads 1e-3 as text: write 1.0e-3)"
             raise DemError(f"{where}: {key} must be {problem}, got {value!r}{hint}")
     return _coerced(RunConfig(**values))
+
+
+def default_of(name: str) -> Any:
+    """A setting's default without building a RunConfig (its checks import the search)."""
+    f = RunConfig.__dataclass_fields__[name]
+    return f.default_factory() if f.default_factory is not MISSING else f.default
 
 
 def chapter_of(notebook: Path) -> str:

@@ -23,6 +23,7 @@ import torch
 
 from dem import DemError, models, plots, resources
 from dem.config import ALL, RunConfig, make_config
+from dem.display import chapter_display
 from dem.io import write_json
 from dem.layout import RunLayout
 from dem.sources import get_source, list_sources
@@ -144,34 +145,6 @@ def _check_earlier_chapters(layout: RunLayout, chapter: str, settings: Mapping) 
                            f"{settings[k]!r}: rerun {title} or use its settings")  # fmt: skip
 
 
-def _chapter_display() -> None:
-    """How a chapter shows what is not a figure: tables also as Markdown (``dem publish``
-    writes them so instead of HTML), and a split smaller than asked as one plain note."""
-    import warnings
-
-    from dem.sources.core import SmallSplitWarning
-
-    default_show = warnings.showwarning
-
-    def show(message, category, *args, **kwargs):
-        if issubclass(category, SmallSplitWarning):
-            print(f"note: {message}")
-        else:
-            default_show(message, category, *args, **kwargs)
-
-    warnings.showwarning = show
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return
-    shell = get_ipython()
-    if shell is not None:
-        import pandas as pd
-
-        markdown = shell.display_formatter.formatters["text/markdown"]
-        markdown.for_type(pd.DataFrame, lambda table: table.to_markdown())
-
-
 def setup(params: Mapping[str, Any], chapter: str = "") -> Run:
     """Seed, threads, device, sources and run folder from a chapter's parameters.
 
@@ -208,7 +181,7 @@ def setup(params: Mapping[str, Any], chapter: str = "") -> Run:
     large = bool(p["base_model"]) and not str(p["base_model"]).startswith("dem:")
     threads = models.set_cpu_threads(large_model=large)
     plots.use_theme()
-    _chapter_display()
+    chapter_display()
     print(f"device: {device}, CPU threads: {threads}, run folder: {layout.root}")
     return Run(
         layout=layout,

@@ -47,9 +47,9 @@ def load_results(run_dir: str | Path) -> pd.DataFrame:
 def show_tables_as_markdown() -> None:
     """Tables in this chapter display as Markdown too, as in chapters 01-06, so ``dem publish``
     writes Markdown tables rather than HTML (the hook lives in :mod:`dem.notebook`)."""
-    from dem.notebook import _chapter_display
+    from dem.display import chapter_display
 
-    _chapter_display()
+    chapter_display()
 
 
 def cells(results: pd.DataFrame) -> pd.DataFrame:

@@ -16,208 +16,29 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import math
 import time
-import typing
 from collections.abc import Callable, Sequence
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import pandas as pd
-import yaml
 
 from dem import DemError, resources
 from dem.io import write_json
 from dem.provenance import provenance
-from dem.results import write_table
+from dem.sweep_config import (
+    Base,
+    Cell,
+    SweepConfig,
+    load_sweep,
+    resolve_sweep,
+    select_cells,
+)
+from dem.sweep_tables import folder_size, headline, write_tables
 
 SWEEPS = resources.SWEEPS
 CHAPTER = SWEEPS / "07_when_dem_works.ipynb"
 DONE = "sweep_cell.json"  # written into a cell's run folder once its metrics.json exists
-ORDERS = ("curve", "file")
-
-
-def _setting(default: Any, why: str, choices: Sequence[str] = ()) -> Any:
-    factory = (
-        (lambda: json.loads(json.dumps(default))) if isinstance(default, (list, dict)) else None
-    )
-    kwargs = {"default_factory": factory} if factory else {"default": default}
-    return field(**kwargs, metadata={"why": why, "choices": tuple(choices)})
-
-
-@dataclass(frozen=True)
-class Base:
-    """One base model of the sweep: a short name for tables, and how a cell loads it."""
-
-    name: str = _setting(MISSING, "short label in cell ids and tables, e.g. h64")
-    base_model: str = _setting(MISSING, "the chapters' base_model: dem:NAME, a folder or a hub id")
-    params: str = _setting("", "parameter set for this base's cells ('' = the sweep's params)")
-    overrides: dict = _setting({}, "notebook parameters only this base needs (e.g. gguf_file)")
-    size: int = _setting(0, "parameters, for --plan only, where base_model is not a local folder")
-
-
-@dataclass(frozen=True)
-class CellRule:
-    """A block of cells: the cross product of the listed values (an omitted axis: all values)."""
-
-    bases: list = _setting([], "base names ([] = every base)")
-    budgets: list = _setting([], "budget multipliers ([] = every budget)")
-    kinds: list = _setting([], "fine-tuning kinds ([] = every kind)")
-    seeds: list = _setting([], "seeds ([] = every seed)")
-
-
-@dataclass(frozen=True)
-class SweepConfig:
-    """Everything a sweep file declares; each field's metadata says why it exists."""
-
-    params: str = _setting(
-        "default", "the shipped parameter set (or YAML file) every cell starts from"
-    )
-    overrides: dict = _setting({}, "notebook parameters common to every cell (e.g. swap_out: '')")
-    bases: list = _setting([], "the bases, smallest first: Base entries {name, base_model, ...}")
-    budgets: list = _setting([1], "multipliers of finetune_steps (and source_steps): 1 = budget S")
-    kinds: dict = _setting({"full": {}}, "fine-tuning kind -> its notebook parameters (lora_r ...)")
-    seeds: list = _setting([0], "seeds; each seeds data, initialisation and order within a cell")
-    cells: list = _setting([], "CellRule blocks whose union is the sweep ([] = the whole grid)")
-    order: str = _setting(
-        "curve", "curve: main budget and kind first, seed by seed; file: as listed", ORDERS
-    )
-    seconds_per_step: float = _setting(
-        0.3, "--plan's prior: seconds per training step of a 2.6M base, all chapters included"
-    )
-
-    def __post_init__(self) -> None:
-        names = [b.name for b in self.bases]
-        if not names:
-            raise DemError("bases: at least one base is needed")
-        if len(set(names)) != len(names):
-            raise DemError(f"bases: names must be distinct, got {names}")
-        for rule in self.cells:
-            for axis, known in (("bases", names), ("budgets", self.budgets),
-                                ("kinds", list(self.kinds)), ("seeds", self.seeds)):  # fmt: skip
-                unknown = [v for v in getattr(rule, axis) if v not in known]
-                if unknown:
-                    raise DemError(f"cells: {axis} {unknown} not declared (declared: {known})")
-
-
-def _check(where: str, value: Any, hint: Any, choices: Sequence[str]) -> Any:
-    """``value`` if it has the type ``hint`` names (nested dataclasses built); else DemError."""
-    expected = getattr(hint, "__name__", str(hint))
-    if isinstance(hint, type) and hasattr(hint, "__dataclass_fields__"):
-        if not isinstance(value, dict):
-            raise DemError(f"{where}: expected a mapping ({expected}), got {value!r}")
-        return _build(hint, value, where)
-    if hint is float:
-        ok = (
-            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        )
-    elif hint is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    else:
-        ok = isinstance(value, hint)
-    if not ok:
-        raise DemError(f"{where}: expected {expected}, got {value!r}")
-    if choices and value not in choices:
-        raise DemError(f"{where}: expected one of {', '.join(choices)}, got {value!r}")
-    return value
-
-
-# The element type of each list field (dataclass fields are declared plainly, as list).
-ITEMS = {
-    (SweepConfig, "bases"): Base,
-    (SweepConfig, "budgets"): float,
-    (SweepConfig, "seeds"): int,
-    (SweepConfig, "cells"): CellRule,
-    (CellRule, "bases"): str,
-    (CellRule, "budgets"): float,
-    (CellRule, "kinds"): str,
-    (CellRule, "seeds"): int,
-}
-
-
-def _build(cls: type, data: dict, where: str) -> Any:
-    """``cls(**data)`` with every key known and every value of its declared type."""
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise DemError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(known)})")
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for name, value in data.items():
-        key, f = f"{where}: {name}", known[name]
-        value = _check(key, value, hints[name], f.metadata["choices"])
-        item = ITEMS.get((cls, name))
-        if item is not None:
-            value = [_check(f"{key}[{i}]", v, item, ()) for i, v in enumerate(value)]
-        if (cls, name) == (SweepConfig, "kinds"):
-            value = {k: _check(f"{key}.{k}", v or {}, dict, ()) for k, v in value.items()}
-        values[name] = value
-    missing = [n for n, f in known.items() if n not in data and f.default is MISSING
-               and f.default_factory is MISSING]  # fmt: skip
-    if missing:
-        raise DemError(f"{where}: missing key {missing[0]!r}")
-    try:
-        return cls(**values)
-    except DemError as err:
-        raise DemError(f"{where}: {err}") from None
-
-
-def resolve_sweep(name: str | Path) -> Path:
-    """A sweep file: a path, or the name of a shipped sweep (``smoke`` -> sweeps/smoke.yaml)."""
-    path, shipped = Path(name), SWEEPS / f"{name}.yaml"
-    if not path.exists() and path.suffix == "" and len(path.parts) == 1 and shipped.is_file():
-        return shipped
-    return path
-
-
-def load_sweep(name: str | Path) -> SweepConfig:
-    """Read and check a sweep file; any problem is one DemError naming file, key and expectation."""
-    path = resolve_sweep(name)
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in SWEEPS.glob("*.yaml")))
-        raise DemError(f"sweep file {path} not found (shipped sweeps: {known})")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise DemError(f"sweep file {path} is not valid YAML: {err}".splitlines()[0]) from None
-    if not isinstance(data, dict):
-        raise DemError(f"sweep file {path}: expected a mapping of setting: value")
-    return _build(SweepConfig, data, f"sweep file {path}")
-
-
-# ----------------------------------------------------------------------------------------------
-# Cells and the plan
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One run of the tutorial: a base, a budget multiplier, a fine-tuning kind and a seed."""
-
-    base: Base
-    budget: float
-    kind: str
-    seed: int
-
-    @property
-    def id(self) -> str:
-        return f"{self.base.name}-x{self.budget:g}-{self.kind}-s{self.seed}"
-
-
-def select_cells(config: SweepConfig) -> list[Cell]:
-    """The union of the ``cells`` blocks (each a cross product), each cell once, file order."""
-    bases = {b.name: b for b in config.bases}
-    found: dict[str, Cell] = {}
-    for rule in config.cells or [CellRule()]:
-        for name in rule.bases or list(bases):
-            for budget in rule.budgets or config.budgets:
-                for kind in rule.kinds or list(config.kinds):
-                    for seed in rule.seeds or config.seeds:
-                        cell = Cell(bases[name], budget, kind, seed)
-                        found.setdefault(cell.id, cell)
-    return list(found.values())
 
 
 @dataclass
@@ -275,17 +96,6 @@ def training_steps(settings: dict) -> int:
     dmix = settings["dmix_steps"] or sum(per_source)
     swap = settings["finetune_steps"] if settings["swap_out"] else 0
     return sum(per_source) + dmix * len(settings["dmix_grid"]) + swap
-
-
-def folder_size(folder: str | Path) -> int:
-    """Parameters of a model folder, from its safetensors headers (no tensor is read)."""
-    from dem.safetensors_io import read_header
-
-    total = 0
-    for path in sorted(Path(folder).glob("*.safetensors")):
-        header, _ = read_header(path)
-        total += sum(math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__")
-    return total
 
 
 def base_size(base: Base) -> int:
@@ -481,7 +291,7 @@ def run_sweep(
         manifest.update({k: previous[k] for k in ("steps", "finished") if k in previous})
     write_json(manifest_path, manifest)
     _run_cells(selected, plan, config, out, log)
-    write_tables(out, plan, config)
+    write_tables(out, plan, [c.id for c in select_cells(config)])
     if chapter:
         manifest["steps"] = run_chapter(out, log)
         manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -501,7 +311,7 @@ def _run_cells(
             continue
         log(f"{head}: running (about {_minutes(p.estimate_s)}; log: {out}/logs/{p.cell.id}.log)")
         p.wall_s, p.done = run_cell(p, out)["wall_s"], True
-        results = write_tables(out, plan, config)
+        results = write_tables(out, plan, [c.id for c in select_cells(config)])
         log(f"{head}: done in {_minutes(p.wall_s)}; {headline(results, p.cell.id)}")
 
 
@@ -526,100 +336,3 @@ def run_chapter(out: Path, log: Callable[[str], None]) -> dict:
     wall = time.perf_counter() - t0
     log(f"[dem sweep] {CHAPTER.stem}: done in {wall:.1f} s")
     return {CHAPTER.stem: {"wall_s": round(wall, 2)}}
-
-
-def headline(results: pd.DataFrame, cell_id: str) -> str:
-    """``DEM 0.210, DMix uniform 0.422``: the cell's two headline accuracies."""
-    rows = results[results.cell == cell_id].set_index("method").accuracy
-    return ", ".join(f"{m} {rows[m]:.3f}" for m in ("dem", "dmix_uniform") if m in rows)
-
-
-# ----------------------------------------------------------------------------------------------
-# The tables
-# ----------------------------------------------------------------------------------------------
-
-
-def _device(manifest: dict) -> str:
-    """The device a cell trained on, as its manifest records the machine and the setting."""
-    hardware, wanted = manifest.get("hardware", {}), manifest["parameters"].get("device", "auto")
-    if hardware.get("gpus") and wanted in ("auto", "cuda"):
-        return hardware["gpus"][0]
-    return f"cpu ({hardware.get('cpu_count')} cores)"
-
-
-def cell_info(planned: PlannedCell, cell_dir: Path) -> dict:
-    """The columns that describe a cell, shared by its rows in both tables."""
-    manifest = json.loads((cell_dir / "manifest.json").read_text())
-    cell = planned.cell
-    return {
-        "cell": cell.id,
-        "base": cell.base.name,
-        "params": folder_size(cell_dir / "models" / "base"),
-        "budget": cell.budget,
-        "kind": cell.kind,
-        "seed": cell.seed,
-        "device": _device(manifest),
-        # the code of the last dem run over the cell (a sweep may span commits)
-        "commit": (manifest.get("git", {}).get("commit") or "")[:12],
-        "finetune_steps": manifest["parameters"]["finetune_steps"],
-        "cell_wall_s": planned.wall_s,
-    }
-
-
-def cell_rows(planned: PlannedCell, cell_dir: Path) -> list[dict]:
-    """One row per method of the cell's metrics.json (every method it holds, none named here).
-
-    ``accuracy`` is the mean test accuracy over the cell's sources, as metrics.json's average;
-    ``wall_s`` the method's training plus its own weight search; ``search_*`` the search's
-    candidates and seconds where chapter 04 records one for the method.
-    """
-    metrics = json.loads((cell_dir / "metrics.json").read_text())
-    settings = json.loads((cell_dir / "tables" / "04_merge_settings.json").read_text())
-    searches = {"dem": settings["search"], **settings.get("searches", {})}
-    info = cell_info(planned, cell_dir)
-    rows = []
-    for method, entry in metrics["methods"].items():
-        search = searches.get(method, {})
-        rows.append({
-            **info,
-            "method": method,
-            "accuracy": entry["average"],
-            **{f"accuracy_{s}": v for s, v in entry["test"].items()},
-            "composite": entry.get("composite"),
-            "train_tokens": entry["cost"]["train_tokens"],
-            "wall_s": entry["cost"]["wall_s"],
-            "forward_passes": entry["cost"].get("forward_passes", 1),
-            "search_candidates": search.get("candidates"),
-            "search_s": search.get("wall_s"),
-        })  # fmt: skip
-    return rows
-
-
-def cell_diagnostics(planned: PlannedCell, cell_dir: Path) -> list[dict]:
-    """The cell's vectors (chapter 03): ‖v_i‖/‖θ0‖ per source, cosine and merge gap per pair."""
-    metrics = json.loads((cell_dir / "metrics.json").read_text())
-    info = cell_info(planned, cell_dir)
-    vectors = metrics.get("vectors") or {}
-    found = [("relative_norm", k, v) for k, v in (vectors.get("relative_norm") or {}).items()]
-    cosine = pd.read_csv(cell_dir / "tables" / "03_cosine_similarity.csv", index_col=0)
-    names = list(cosine.index)
-    found += [("cosine", f"{a} → {b}", cosine.loc[a, b])
-              for i, a in enumerate(names) for b in names[i + 1:]]  # fmt: skip
-    found += [("merge_gap", k, v) for k, v in (vectors.get("merge_gap") or {}).items()]
-    return [{**info, "quantity": q, "item": item, "value": float(v)} for q, item, v in found]
-
-
-def write_tables(out: Path, plan: list[PlannedCell], config: SweepConfig) -> pd.DataFrame:
-    """``results.csv`` and ``diagnostics.csv`` over the finished cells, in the file's cell order
-    (so a rerun writes identical tables); the results table."""
-    rank = {c.id: i for i, c in enumerate(select_cells(config))}
-    finished = sorted((p for p in plan if p.done), key=lambda p: rank[p.cell.id])
-    results, diagnostics = [], []
-    for p in finished:
-        cell_dir = out / "cells" / p.cell.id
-        results += cell_rows(p, cell_dir)
-        diagnostics += cell_diagnostics(p, cell_dir)
-    results_table = pd.DataFrame(results)
-    write_table(results_table, out / "results.csv", index=False)
-    write_table(pd.DataFrame(diagnostics), out / "diagnostics.csv", index=False)
-    return results_table

@@ -48,7 +48,7 @@ def test_layout_keeps_the_documented_names(tmp_path):
 def test_every_table_and_figure_is_named_after_its_chapter():
     for name in [*TABLES, *FIGURES]:
         assert name[:2] in {"01", "02", "03", "04", "05", "06"} and name[2] == "_", name
-    assert set(TABLES.values()) == {".csv", ".json", ".txt"}
+    assert set(TABLES.values()) == {".csv", ".json"}
 
 
 def test_a_misspelt_table_or_figure_is_refused_by_name(tmp_path):

@@ -15,11 +15,10 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar
 
 from dem import DemError
-from dem.config import RunConfig
+from dem.config import default_of
 
 # The embedded default's training settings (dem/config.py explains each value): `dem finetune`
 # with no options trains as the tutorial's chapter 02 does.
-_RUN = RunConfig()
 
 # ----------------------------------------------------------------------------------------------
 # Checks, named by what they accept
@@ -162,16 +161,20 @@ class Settings:
 class FinetuneSettings(Settings):
     """How one fine-tune (one source or a DMix mixture) is trained."""
 
-    steps: int = setting(_RUN.finetune_steps, "optimizer steps", check=positive_int)
-    batch_size: int = setting(_RUN.batch_size, "examples per micro-batch", check=positive_int)
+    steps: int = setting(default_of("finetune_steps"), "optimizer steps", check=positive_int)
+    batch_size: int = setting(
+        default_of("batch_size"), "examples per micro-batch", check=positive_int
+    )
     grad_accum: int = setting(
         1,
         "micro-batches per optimizer step: a larger batch in the memory of one micro-batch",
         check=positive_int,
     )
-    eval_every: int = setting(_RUN.eval_every, "validation loss every N steps", check=positive_int)
+    eval_every: int = setting(
+        default_of("eval_every"), "validation loss every N steps", check=positive_int
+    )
     max_length: int = setting(
-        _RUN.max_length,
+        default_of("max_length"),
         "max tokens per example (prompt + response); longer training examples are dropped, "
         "longer validation examples truncated, both reported",
         check=positive_int,
@@ -182,12 +185,14 @@ class FinetuneSettings(Settings):
         check=_unset_or_positive_int,
     )
     warmup_steps: int = setting(
-        _RUN.warmup_steps,
+        default_of("warmup_steps"),
         "linear warmup steps (capped at half the run, so short runs still decay)",
         check=count,
     )
     lr: float = setting(
-        _RUN.learning_rate, "peak AdamW learning rate (cosine decay)", check=positive_number
+        default_of("learning_rate"),
+        "peak AdamW learning rate (cosine decay)",
+        check=positive_number,
     )
     weight_decay: float = setting(
         0.0,
