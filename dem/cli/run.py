@@ -158,6 +158,12 @@ def _report(run_dir, *, quiet: bool) -> None:
     layout = RunLayout(run_dir)
     if layout.metrics.is_file():  # absent when --only stopped before chapter 06
         print(summary_text(json.loads(layout.metrics.read_text())))
-        report = publish(run_dir, layout.report, overwrite=True)
-        print(f"report: {report}/README.md")
+        try:
+            report = publish(run_dir, layout.report, overwrite=True)
+            print(f"report: {report}/README.md")
+        # The run is complete: a report nbconvert cannot write (no template) must not fail it.
+        except Exception as err:
+            first = (str(err).strip().splitlines() or [""])[0]
+            print(f"report: not written ({type(err).__name__}: {first}); retry with "
+                  f"`dem publish {run_dir} --out DIR`")  # fmt: skip
     print(f"run finished: {run_dir} (open it with: jupyter lab {run_dir})")
