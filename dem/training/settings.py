@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar
 
 from dem import DemError
-from dem.config import default_of
+from dem.config import CORPORA, default_of
 
 # The embedded default's training settings (dem/config.py explains each value): `dem finetune`
 # with no options trains as the tutorial's chapter 02 does.
@@ -70,9 +70,6 @@ def _module_names(name: str, value: Any) -> None:
         raise DemError(
             f"{name} must name modules (e.g. 'all-linear', 'q_proj,v_proj'), got {value!r}"
         )
-
-
-CORPORA = ("generic", "knowledge")
 
 
 def _corpus(name: str, value: Any) -> None:
