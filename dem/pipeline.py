@@ -33,13 +33,19 @@ def resolve_params(name: str | Path | None) -> Path:
         return PARAMS / "default.yaml"
     path = Path(name)
     shipped = PARAMS / f"{name}.yaml"
-    if not path.exists() and path.suffix == "" and len(path.parts) == 1 and shipped.is_file():
+    known = shipped in resources.run_parameter_sets()
+    if not path.exists() and path.suffix == "" and len(path.parts) == 1 and known:
         return shipped
     return path
 
 
 def notebooks(folder: Path = NOTEBOOKS) -> list[Path]:
-    found = sorted(folder.glob("[0-9][0-9]_*.ipynb"))
+    """dem run's chapters in ``folder``, in order (not the sweep's chapter)."""
+    found = [
+        p
+        for p in sorted(folder.glob("[0-9][0-9]_*.ipynb"))
+        if p.name != resources.SWEEP_CHAPTER.name
+    ]
     if not found:
         raise DemError(f"no notebooks (NN_name.ipynb) found in {folder}")
     return found
@@ -74,7 +80,7 @@ def chapters(folder: Path = NOTEBOOKS) -> list[tuple[str, str]]:
 def parameter_sets(folder: Path = PARAMS) -> list[tuple[str, str]]:
     """(name, first comment line) of each shipped parameter set."""
     rows = []
-    for path in sorted(folder.glob("*.yaml")):
+    for path in resources.run_parameter_sets(folder):
         first = path.read_text().splitlines()[:1]
         rows.append(
             (path.stem, first[0].lstrip("# ") if first and first[0].startswith("#") else "")
@@ -113,7 +119,7 @@ def run(
     """
     params_file = resolve_params(params_file)
     if not params_file.is_file():
-        known = ", ".join(sorted(p.stem for p in PARAMS.glob("*.yaml")))
+        known = ", ".join(p.stem for p in resources.run_parameter_sets())
         raise DemError(f"parameter file {params_file} not found (shipped sets: {known})")
     # Every setting is checked before anything is written.
     config = load_config(params_file, overrides)

@@ -210,6 +210,7 @@ def gap_vs_params(gap_table: pd.DataFrame, fit_table: pd.DataFrame) -> plt.Figur
             ]
             ax.errorbar(mean.params, mean["mean"], yerr=mean.sd.fillna(0), color=color, marker="o",
                         linestyle="none", capsize=3, label=gap)  # fmt: skip
+            _name_unfitted(ax, dots, mean, color)
             fit = fit_table[(fit_table.budget == budget) & (fit_table.kind == kind)
                             & (fit_table.gap == gap)] if len(fit_table) else fit_table  # fmt: skip
             for row in fit.itertuples():
@@ -220,6 +221,18 @@ def gap_vs_params(gap_table: pd.DataFrame, fit_table: pd.DataFrame) -> plt.Figur
     axes[0, 0].set_ylabel("DMix uniform − DEM (test accuracy, fraction)")
     axes[0, -1].legend(loc="best", fontsize=8)
     return fig
+
+
+def _name_unfitted(ax: plt.Axes, dots: pd.DataFrame, mean: pd.DataFrame, color) -> None:
+    """Name the bases tuned on other sources than the panel's most common set (the far point):
+    they stand beside the line, not on it."""
+    if "sources" not in dots or dots.empty:
+        return
+    usual = dots.sources.mode().iloc[0]
+    for base in dots[dots.sources != usual].base.unique():
+        row = mean[mean.base == base].iloc[0]
+        ax.annotate(f"{base}\n(own sources)", (row.params, row["mean"]), textcoords="offset points",
+                    xytext=(-6, 6), fontsize=8, color=color, ha="right")  # fmt: skip
 
 
 def _fit_line(ax: plt.Axes, fit, color, label_at: float = 6) -> None:

@@ -17,5 +17,21 @@ INSTALLED = Path(sys.prefix) / "share" / "dem"
 ROOT = CHECKOUT if (CHECKOUT / "notebooks").is_dir() else INSTALLED
 NOTEBOOKS = ROOT / "notebooks"
 PARAMS = NOTEBOOKS / "params"
-SWEEPS = NOTEBOOKS / "sweeps"  # dem sweep's files and chapter 07, which reads their tables
+# dem sweep's files sit beside dem run's parameter sets, named sweep*.yaml; its chapter (07) sits
+# beside the tutorial's but reads a sweep's tables, so dem run does not execute it.
+SWEEP_FILES = "sweep*.yaml"
+SWEEP_CHAPTER = NOTEBOOKS / "07_when_dem_works.ipynb"
+
+
+def run_parameter_sets(folder: Path = PARAMS) -> list[Path]:
+    """dem run's shipped parameter sets: every YAML file in ``folder`` but the sweeps."""
+    sweeps = set(folder.glob(SWEEP_FILES))
+    return sorted(p for p in folder.glob("*.yaml") if p not in sweeps)
+
+
+def sweep_files(folder: Path = PARAMS) -> list[Path]:
+    """dem sweep's shipped sweep files."""
+    return sorted(folder.glob(SWEEP_FILES))
+
+
 DATA = ROOT / "data"

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from dem import DemError, resources
+from dem.search import MINIMIZE
 
 CELL = ["cell", "base", "params", "budget", "kind", "seed"]
 # The merged DEM models: the paper's grid ("dem") and every other search for its weights
@@ -28,12 +29,12 @@ GRID, BEST = "DMix uniform − DEM (grid)", "DMix uniform − best DEM variant"
 
 def sweep_folder(run_dir: str | Path) -> Path:
     """A relative sweep folder is relative to the project folder: JupyterLab starts chapter
-    07's kernel in ``notebooks/sweeps/``, ``dem sweep`` passes an absolute path."""
+    07's kernel in ``notebooks/``, ``dem sweep`` passes an absolute path."""
     path = Path(run_dir)
     if path.is_absolute():
         return path
     here = Path.cwd()
-    return (resources.ROOT if here.resolve() == resources.SWEEPS.resolve() else here) / path
+    return (resources.ROOT if here.resolve() == resources.NOTEBOOKS.resolve() else here) / path
 
 
 def load_results(run_dir: str | Path) -> pd.DataFrame:
@@ -59,22 +60,34 @@ def cells(results: pd.DataFrame) -> pd.DataFrame:
     return table[[c for c in columns if c in table]].reset_index(drop=True)
 
 
+def best_on_validation(cell: pd.DataFrame, variants: str = DEM_VARIANTS) -> str:
+    """The DEM variant of one cell's rows whose chosen weights scored best on validation (the
+    ``validation`` column, in the cell's ``select_metric``); ties go to the first row, the grid.
+    Test accuracy never enters the choice."""
+    pattern = re.compile(variants)
+    dem_like = cell[[bool(pattern.search(m)) for m in cell.method]].dropna(subset=["validation"])
+    if dem_like.empty:
+        raise DemError(f"cell {cell.cell.iloc[0]}: no DEM variant with a validation score")
+    minimize = MINIMIZE[cell.select_metric.iloc[0]] if "select_metric" in cell else False
+    scores = dem_like.validation.to_numpy()
+    return str(dem_like.method.iloc[int(scores.argmin() if minimize else scores.argmax())])
+
+
 def gaps(results: pd.DataFrame, variants: str = DEM_VARIANTS) -> pd.DataFrame:
     """Per cell and gap: DMix uniform's accuracy minus DEM's (grid) and minus the best variant.
 
-    The best variant is the DEM variant with the highest *test* accuracy in the cell: an
-    optimistic bound (chosen after seeing test data), reported beside the grid, never instead
-    of it. Columns: the cell's, ``gap`` (GRID or BEST), ``value``, ``variant``.
+    The best variant is the DEM variant whose weights scored best on *validation*
+    (:func:`best_on_validation`), the rule that chose each variant's weights; its test accuracy
+    is then reported as every method's is. Columns: the cell's, ``gap`` (GRID or BEST),
+    ``value``, ``variant``.
     """
-    pattern = re.compile(variants)
     rows = []
     for _, cell in results.groupby("cell", sort=False):
         by_method = cell.set_index("method").accuracy
         if "dem" not in by_method or "dmix_uniform" not in by_method:
             continue
-        dem_like = by_method[[bool(pattern.search(m)) for m in by_method.index]]
-        best = dem_like.idxmax()
-        info = cell.iloc[0][CELL].to_dict()
+        best = best_on_validation(cell, variants)
+        info = cell.iloc[0][[*CELL, *(["sources"] if "sources" in cell else [])]].to_dict()
         dmix = by_method["dmix_uniform"]
         rows.append({**info, "gap": GRID, "value": dmix - by_method["dem"], "variant": "dem"})
         rows.append({**info, "gap": BEST, "value": dmix - by_method[best], "variant": best})
@@ -149,12 +162,15 @@ def _crossing(a: float, b: float, lines: np.ndarray | None, tail: float, fit: di
 
 
 def fits(gap_table: pd.DataFrame, *, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
-    """:func:`fit_gap` per budget, kind and gap, for the panels with two bases or more."""
+    """:func:`fit_gap` per budget, kind and gap, for the panels with two bases or more. Only
+    cells on the same sources share a line: a base tuned on other tasks (the far point) is
+    shown, not fitted."""
+    keys = ["budget", "kind", "gap", *(["sources"] if "sources" in gap_table else [])]
     rows = []
-    for (budget, kind, gap), points in gap_table.groupby(["budget", "kind", "gap"], sort=False):
+    for group, points in gap_table.groupby(keys, sort=False):
         if points.params.nunique() >= 2:
             fit = fit_gap(points, n_boot=n_boot, seed=seed)
-            rows.append({"budget": budget, "kind": kind, "gap": gap, **fit})
+            rows.append({**dict(zip(keys, group, strict=True)), **fit})
     return pd.DataFrame(rows)
 
 
@@ -207,9 +223,10 @@ def summary_words(gap_table: pd.DataFrame, fit_table: pd.DataFrame) -> str:
 
 
 def best_variants(gap_table: pd.DataFrame, results: pd.DataFrame) -> pd.DataFrame:
-    """Per cell, the best DEM variant on test and its search cost (candidates, seconds)."""
+    """Per cell, the DEM variant chosen on validation, its validation score, its test accuracy
+    and its search cost (candidates, seconds)."""
     best = gap_table[gap_table.gap == BEST][CELL + ["variant"]]
-    cost = results[["cell", "method", "accuracy", "search_candidates", "search_s"]]
+    cost = results[["cell", "method", "validation", "accuracy", "search_candidates", "search_s"]]
     return best.merge(cost, left_on=["cell", "variant"], right_on=["cell", "method"]).drop(
         columns="method"
     )
@@ -220,7 +237,8 @@ def vector_summary(run_dir: str | Path) -> pd.DataFrame:
     ‖v_i‖/‖θ0‖, the vectors' cosine and the merge gap (nats), beside the cell's DEM gap."""
     table = pd.read_csv(Path(run_dir) / "diagnostics.csv")
     wide = table.pivot_table(index=CELL, columns="quantity", values="value", aggfunc="mean")
-    return wide.reset_index().rename_axis(columns=None).sort_values(["budget", "kind", "params"])
+    wide = wide.reset_index().rename_axis(columns=None)
+    return wide.sort_values(["budget", "kind", "params"], ignore_index=True)
 
 
 def panels(gap_table: pd.DataFrame) -> list[tuple[float, str]]:
@@ -228,3 +246,36 @@ def panels(gap_table: pd.DataFrame) -> list[tuple[float, str]]:
     kinds: Sequence[str] = list(dict.fromkeys(gap_table.kind))
     found = set(zip(gap_table.budget, gap_table.kind, strict=True))
     return [(b, k) for k in kinds for b in sorted(set(gap_table.budget)) if (b, k) in found]
+
+
+# DMix at three ratios, each a whole training run: equal (uniform), the ratio search's pick on
+# validation (best), and the ratio DEM's chosen weights imply, normalized (dem_guided).
+MIXING = ("dmix_uniform", "dmix_dem_guided", "dmix_best")
+
+
+def guided_mixing(results: pd.DataFrame) -> pd.DataFrame:
+    """Per base, budget and kind: each DMix ratio's test accuracy (mean over seeds) and the
+    training tokens it cost, the ratio search's counted with all the runs it chose among."""
+    rows = results[results.method.isin(MIXING)]
+    if rows.empty:
+        raise DemError("no DMix methods in the results")
+    keys = ["base", "params", "budget", "kind", "method"]
+    table = rows.groupby(keys, sort=False).agg(
+        accuracy=("accuracy", "mean"),
+        train_tokens=("train_tokens", "mean"),
+        seeds=("seed", "count"),
+    )
+    wide = table.unstack("method")
+    wide.columns = [f"{m}_{q}" for q, m in wide.columns]
+    return wide.reset_index().sort_values(["budget", "kind", "params"], ignore_index=True)
+
+
+def method_means(results: pd.DataFrame) -> pd.DataFrame:
+    """Every method's test accuracy, mean over seeds: one row per method, one column per base,
+    budget and kind (``h64 1×S full``), methods in the order the cells list them."""
+    table = results.assign(panel=results.base + " " + results.budget.map("{:g}×S".format) + " "
+                           + results.kind)  # fmt: skip
+    order = list(dict.fromkeys(table.method))
+    panels_ = list(dict.fromkeys(table.sort_values(["budget", "kind", "params"]).panel))
+    wide = table.pivot_table(index="method", columns="panel", values="accuracy", aggfunc="mean")
+    return wide.loc[order, panels_].rename_axis(columns=None)

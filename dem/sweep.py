@@ -36,8 +36,7 @@ from dem.sweep_config import (
 )
 from dem.sweep_tables import folder_size, headline, write_tables
 
-SWEEPS = resources.SWEEPS
-CHAPTER = SWEEPS / "07_when_dem_works.ipynb"
+CHAPTER = resources.SWEEP_CHAPTER
 DONE = "sweep_cell.json"  # written into a cell's run folder once its metrics.json exists
 
 

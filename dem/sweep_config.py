@@ -15,7 +15,6 @@ import yaml
 
 from dem import DemError, resources
 
-SWEEPS = resources.SWEEPS
 ORDERS = ("curve", "file")
 
 
@@ -145,9 +144,11 @@ def _build(cls: type, data: dict, where: str) -> Any:
 
 
 def resolve_sweep(name: str | Path) -> Path:
-    """A sweep file: a path, or the name of a shipped sweep (``smoke`` -> sweeps/smoke.yaml)."""
-    path, shipped = Path(name), SWEEPS / f"{name}.yaml"
-    if not path.exists() and path.suffix == "" and len(path.parts) == 1 and shipped.is_file():
+    """A sweep file: a path, or the name of a shipped sweep (``sweep-smoke`` ->
+    params/sweep-smoke.yaml)."""
+    path, shipped = Path(name), resources.PARAMS / f"{name}.yaml"
+    known = shipped in resources.sweep_files()
+    if not path.exists() and path.suffix == "" and len(path.parts) == 1 and known:
         return shipped
     return path
 
@@ -156,7 +157,7 @@ def load_sweep(name: str | Path) -> SweepConfig:
     """Read and check a sweep file; any problem is one DemError naming file, key and expectation."""
     path = resolve_sweep(name)
     if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in SWEEPS.glob("*.yaml")))
+        known = ", ".join(p.stem for p in resources.sweep_files())
         raise DemError(f"sweep file {path} not found (shipped sweeps: {known})")
     try:
         data = yaml.safe_load(path.read_text()) or {}

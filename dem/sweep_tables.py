@@ -53,10 +53,13 @@ def cell_info(planned, cell_dir: Path) -> dict:
         "budget": cell.budget,
         "kind": cell.kind,
         "seed": cell.seed,
+        # a base with its own sources (SmolLM2's real tasks) is compared within its cell only
+        "sources": " ".join(manifest["parameters"]["sources"]),
         "device": _device(manifest),
         # the code of the last dem run over the cell (a sweep may span commits)
         "commit": (manifest.get("git", {}).get("commit") or "")[:12],
         "finetune_steps": manifest["parameters"]["finetune_steps"],
+        "select_metric": manifest["parameters"].get("select_metric", "accuracy"),
         "cell_wall_s": planned.wall_s,
     }
 
@@ -66,7 +69,10 @@ def cell_rows(planned, cell_dir: Path) -> list[dict]:
 
     ``accuracy`` is the mean test accuracy over the cell's sources, as metrics.json's average;
     ``wall_s`` the method's training plus its own weight search; ``search_*`` the search's
-    candidates and seconds where chapter 04 records one for the method.
+    candidates and seconds where chapter 04 records one for the method; ``validation`` the
+    objective its chosen weights reached on the selection examples (the first row of its trials
+    table, best first), where chapter 04 searched weights for it: the number a choice among the
+    variants may use, as test accuracy may not.
     """
     metrics = json.loads((cell_dir / "metrics.json").read_text())
     settings = json.loads((cell_dir / "tables" / "04_merge_settings.json").read_text())
@@ -86,8 +92,19 @@ def cell_rows(planned, cell_dir: Path) -> list[dict]:
             "forward_passes": entry["cost"].get("forward_passes", 1),
             "search_candidates": search.get("candidates"),
             "search_s": search.get("wall_s"),
+            "validation": _selected_objective(cell_dir, method),
         })  # fmt: skip
     return rows
+
+
+def _selected_objective(cell_dir: Path, method: str) -> float | None:
+    """The validation objective of the weights chapter 04 chose for ``method`` (None if it
+    searched none): every search there scores its candidates with the same ``score`` on the
+    same selection examples, so these numbers compare across methods."""
+    path = cell_dir / "tables" / f"04_{method}_trials.csv"
+    if not path.is_file():
+        return None
+    return float(pd.read_csv(path, nrows=1)["objective"].iloc[0])
 
 
 def cell_diagnostics(planned, cell_dir: Path) -> list[dict]:

@@ -20,6 +20,7 @@ from dem.config import ALL, RunConfig, make_config
 from dem.config_files import load_config, parameters_cell
 from dem.notebook import resolve_run_dir, setup
 from dem.pipeline import NOTEBOOKS, PARAMS, notebooks
+from dem.resources import run_parameter_sets
 
 CHAPTERS = [nb for nb in notebooks() if nb.name[:2] in ALL]
 
@@ -39,7 +40,7 @@ def test_each_chapters_parameters_cell_is_the_declaration(path):
 
 def test_the_default_parameter_set_changes_nothing_and_the_others_list_only_changes():
     assert load_config(PARAMS / "default.yaml") == RunConfig()
-    for path in sorted(PARAMS.glob("*.yaml")):
+    for path in run_parameter_sets():
         given = yaml.safe_load(path.read_text()) or {}
         config = load_config(path)
         same = [k for k, v in given.items() if make_config({k: v}) == RunConfig()]

@@ -55,10 +55,10 @@ def test_bad_sweep_file_is_one_line_naming_file_and_key(tmp_path, settings, mess
     assert message in text and str(path) in text and "\n" not in text
 
 
-def test_shipped_sweeps_load_and_every_cell_is_valid():
-    for name in ("default", "smoke"):
+def test_shipped_sweeps_load_and_every_cell_is_valid(tmp_path):
+    for name in ("sweep", "sweep-smoke"):
         config = sweep.load_sweep(name)
-        plan = sweep.make_plan(config, sweep.SWEEPS / "no-such-folder", name)
+        plan = sweep.make_plan(config, tmp_path / "no-such-folder", name)
         assert plan and not any(p.done for p in plan)
 
 
@@ -139,12 +139,14 @@ def _results(slope, noise, seeds=3, seed=0):
     for base, params in [("a", 1e5), ("b", 1e6), ("c", 1e7)]:
         for s in range(seeds):
             gap = 0.3 + slope * np.log10(params / 1e5) + rng.normal(0, noise)
-            cell = dict(
-                cell=f"{base}-s{s}", base=base, params=params, budget=1, kind="full", seed=s
-            )
-            for method, acc in [("dem", 0.2), ("dem_new_search", 0.25), ("mde", 0.9),
-                                ("dmix_dem_guided", 0.95), ("dmix_uniform", 0.2 + gap)]:  # fmt: skip
-                rows.append({**cell, "method": method, "accuracy": acc})
+            cell = dict(cell=f"{base}-s{s}", base=base, params=params, budget=1, kind="full",
+                        seed=s, select_metric="accuracy")  # fmt: skip
+            # (method, test accuracy, validation score of its chosen weights)
+            for method, acc, val in [("dem", 0.2, 0.30), ("dem_new_search", 0.25, 0.31),
+                                     ("dem_lucky_on_test", 0.6, 0.05), ("mde", 0.9, 0.9),
+                                     ("dmix_dem_guided", 0.95, None),
+                                     ("dmix_uniform", 0.2 + gap, None)]:  # fmt: skip
+                rows.append({**cell, "method": method, "accuracy": acc, "validation": val})
     return pd.DataFrame(rows)
 
 
@@ -155,10 +157,31 @@ def _grid(fit_table):
 def test_gap_counts_every_dem_variant_by_name_and_nothing_else():
     gaps = scale.gaps(_results(-0.1, 0.0))
     best = gaps[gaps.gap == scale.BEST]
-    assert set(best.variant) == {"dem_new_search"}  # not mde, not a DMix run named after DEM
+    # chosen on validation: not the variant best on test, not mde, not a DMix run named after DEM
+    assert set(best.variant) == {"dem_new_search"}
     grid = gaps[gaps.gap == scale.GRID].set_index("base").value
     assert grid["a"].tolist() == pytest.approx([0.3] * 3)
     assert best.value.to_numpy() == pytest.approx(grid.to_numpy() - 0.05)
+
+
+def test_best_variant_follows_the_selection_metric_direction():
+    results = _results(-0.1, 0.0)
+    losses = results.assign(select_metric="loss")  # a lower validation loss is better
+    best = scale.gaps(losses)
+    assert set(best[best.gap == scale.BEST].variant) == {"dem_lucky_on_test"}
+    with pytest.raises(DemError, match="no DEM variant with a validation score"):
+        scale.gaps(results.assign(validation=None))
+
+
+def test_mixing_and_method_tables_hold_every_method_and_cost():
+    results = _results(-0.1, 0.0).assign(train_tokens=100)
+    mixing = scale.guided_mixing(results)
+    assert list(mixing.base) == ["a", "b", "c"]
+    assert mixing.dmix_dem_guided_accuracy.to_numpy() == pytest.approx([0.95] * 3)
+    assert (mixing.dmix_uniform_seeds == 3).all()
+    means = scale.method_means(results)
+    assert list(means.index) == list(dict.fromkeys(results.method))
+    assert list(means.columns) == ["a 1×S full", "b 1×S full", "c 1×S full"]
 
 
 def test_fit_recovers_the_slope_and_the_zero_crossing_with_intervals():
@@ -230,7 +253,7 @@ def _dem(*args):
 
 def test_smoke_sweep_fills_the_tables_resumes_and_publishes(tmp_path):
     out = tmp_path / "sweep"
-    first = _dem("sweep", "--params", "smoke", "--out", out)
+    first = _dem("sweep", "--params", "sweep-smoke", "--out", out)
     assert first.returncode == 0, first.stderr[-2000:]
     results = pd.read_csv(out / "results.csv")
     cells = sorted(p.name for p in (out / "cells").iterdir())
@@ -252,7 +275,7 @@ def test_smoke_sweep_fills_the_tables_resumes_and_publishes(tmp_path):
     assert (out / "figures" / "07_gap_vs_params.png").stat().st_size > 0
     tables = (out / "results.csv").read_bytes(), (out / "diagnostics.csv").read_bytes()
 
-    again = _dem("sweep", "--params", "smoke", "--out", out, "--no-chapter")
+    again = _dem("sweep", "--params", "sweep-smoke", "--out", out, "--no-chapter")
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stdout.count("finished earlier, skipped") == 2 and "running" not in again.stdout
     assert ((out / "results.csv").read_bytes(), (out / "diagnostics.csv").read_bytes()) == tables
@@ -260,7 +283,7 @@ def test_smoke_sweep_fills_the_tables_resumes_and_publishes(tmp_path):
     assert (tmp_path / "docs" / "07_when_dem_works.md").is_file()
     assert (tmp_path / "docs" / "results.csv").read_bytes() == tables[0]
     # --refresh passes finished cells through dem run, which finds every chapter unchanged
-    refreshed = _dem("sweep", "--params", "smoke", "--out", out, "--no-chapter", "--refresh")
+    refreshed = _dem("sweep", "--params", "sweep-smoke", "--out", out, "--no-chapter", "--refresh")
     assert refreshed.returncode == 0 and refreshed.stdout.count("running") == 2
     # the same numbers; only the commit column may move (the last dem run's commit)
     pd.testing.assert_frame_equal(pd.read_csv(out / "results.csv").drop(columns="commit"),
@@ -275,6 +298,6 @@ def test_cli_refuses_a_bad_sweep_file_in_one_line_and_writes_nothing(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "seeds[0]: expected int" in result.stderr
     assert not (tmp_path / "out").exists()
-    plan = _dem("sweep", "--params", "smoke", "--out", tmp_path / "out", "--plan")
+    plan = _dem("sweep", "--params", "sweep-smoke", "--out", tmp_path / "out", "--plan")
     assert plan.returncode == 0 and "h64-x1-full-s0" in plan.stdout
     assert not (tmp_path / "out").exists()

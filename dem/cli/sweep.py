@@ -17,8 +17,9 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--params",
         metavar="NAME|FILE",
-        default="default",
-        help="a shipped sweep by name (default, smoke) or a YAML file (default: default)",
+        default="sweep",
+        help="a shipped sweep by name (sweep, sweep-smoke: notebooks/params/NAME.yaml) or a YAML "
+        "file (default: sweep)",
     )
     p.add_argument("--out", metavar="DIR", default="runs/sweep",
                    help="sweep folder (default: runs/sweep)")  # fmt: skip
