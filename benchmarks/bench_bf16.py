@@ -160,10 +160,10 @@ def smollm2_settings(base: Path, repeats: int, steps: int) -> list[dict]:
 def fit(fit_steps: int, seeds: int) -> list[dict]:
     """The tiny base fine-tuned on arithmetic in fp32 and under bf16 autocast, ``seeds`` data
     orders each: validation loss (scored in fp32: the weights are what differs)."""
-    from dem.data import encode_examples, pad_batch
-    from dem.evaluate import response_nll
+    from dem.evaluation.evaluate import response_nll
     from dem.models import load_model
     from dem.sources import get_source
+    from dem.sources.data import encode_examples, pad_batch
 
     source = get_source("arithmetic", seed=0, n_train=2000, n_validation=200, n_test=10)
     rows = []

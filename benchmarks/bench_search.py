@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from dem import bases, models
-from dem.search import InMemoryMerge, search_weights, validation_scorer
+from dem.search.weights import InMemoryMerge, search_weights, validation_scorer
 from dem.sources import get_source
 
 
@@ -51,7 +51,7 @@ def main() -> None:
     threads = models.set_cpu_threads()
     if args.run:
         model, tokenizer = models.load_model(str(args.run / "models" / "base"), device=device)
-        from dem.vectors import load_vector
+        from dem.merging.vectors import load_vector
 
         vectors = {s: load_vector(args.run / "vectors" / s) for s in args.sources}
     elif args.model:
@@ -60,7 +60,7 @@ def main() -> None:
         )
         vectors = _random_vectors(model, args.sources, 0)
     else:
-        from dem.data import build_tiny_tokenizer
+        from dem.sources.data import build_tiny_tokenizer
 
         tokenizer = build_tiny_tokenizer()
         model = models.build_tiny_model(tokenizer).to(device)

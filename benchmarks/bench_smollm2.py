@@ -6,7 +6,7 @@ Sizes the CPU setting (``notebooks/params/smollm2-cpu.yaml``) from measurements,
   through the model's tokenizer, no padding), fp32, 1 and 2 torch threads, full fine-tuning and
   LoRA (rank 8 on every linear layer, through :func:`dem.training.lora.add_lora`, as
   ``lora_r: 8`` does); tokens/s over ``--steps`` steps after one warm-up step;
-* evaluation, per example, with the code the chapters use (:func:`dem.evaluate.evaluate`):
+* evaluation, per example, with the code the chapters use (:func:`dem.evaluation.evaluate.evaluate`):
   response loss, greedy generation (BoolQ's short answers and ASDiv's numbers) and multiple
   choice (CommonsenseQA, one forward pass per choice).
 
@@ -72,9 +72,9 @@ def train_throughput(base: Path, *, threads: int, length: int, lora: bool, batch
 
 def eval_cost(base: Path, *, threads: int, examples: int) -> list[dict]:
     """Seconds per example of each evaluation the chapters run, with their batch size."""
-    from dem.evaluate import evaluate
+    from dem.chapters.notebook import cap_new_tokens
+    from dem.evaluation.evaluate import evaluate
     from dem.models import load_model
-    from dem.notebook import cap_new_tokens
     from dem.sources import get_source
 
     torch.set_num_threads(threads)

@@ -29,9 +29,9 @@ SOURCES = ("arithmetic", "arithmetic_cot", "word_edit", "facts")
 
 def batches_and_base(folder: Path, steps: int, batch_size: int, max_length: int):
     """The tiny base saved in ``folder`` and the exact batches ``finetune`` will train on."""
-    from dem.data import build_tiny_tokenizer, encode_examples, pad_batch
     from dem.models import build_tiny_model, save_model
     from dem.sources import get_source
+    from dem.sources.data import build_tiny_tokenizer, encode_examples, pad_batch
     from dem.training.schedule import build_schedule
 
     tokenizer = build_tiny_tokenizer()
@@ -97,8 +97,8 @@ def main() -> int:
     warnings.filterwarnings("ignore")
     from transformers.utils import logging as hf_logging
 
-    from dem.data import padding_fraction
     from dem.models import set_cpu_threads
+    from dem.sources.data import padding_fraction
 
     hf_logging.disable_progress_bar()
     threads = set_cpu_threads(args.threads)

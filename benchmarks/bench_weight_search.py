@@ -28,12 +28,19 @@ from pathlib import Path
 
 import pandas as pd
 
-from dem import experiments, vectors
+from dem.chapters import experiments
+from dem.chapters.notebook import setup
 from dem.config import RunConfig
 from dem.layout import RunLayout
+from dem.merging import vectors
 from dem.models import load_model
-from dem.notebook import setup
-from dem.search import MINIMIZE, InMemoryMerge, best_weights, search_weights, validation_scorer
+from dem.search.weights import (
+    MINIMIZE,
+    InMemoryMerge,
+    best_weights,
+    search_weights,
+    validation_scorer,
+)
 from dem.training.finetune import finetune
 from dem.training.settings import FinetuneSettings
 

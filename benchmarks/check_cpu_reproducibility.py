@@ -18,7 +18,7 @@ another order); 1 and 2 threads gave identical bits for both kinds. Data order i
 (the schedule is a pure function of the run's parameters, dem/training/schedule.py). So two
 machines agree bit for bit only at the same instruction set; otherwise validation accuracy
 can move by an example and a near tie between ratios can go the other way. The choice itself
-is deterministic: dem.experiments.choose_mixture breaks exact ties (and means differing only
+is deterministic: dem.chapters.experiments.choose_mixture breaks exact ties (and means differing only
 by summation rounding) by the grid's order.
 """
 

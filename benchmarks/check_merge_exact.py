@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from dem import merge, models
+from dem import models
+from dem.merging import merge
 
 WEIGHTS = [0.5, 0.3, 0.4]
 # dem method -> (dem parameters, mergekit method, mergekit per-model parameters, shared ones);
@@ -139,8 +140,8 @@ def check_float64(base: Path, inputs: list[tuple[Path, float]], prompt: str) -> 
         print(f"{len(reference_index)} tensors, {len(inputs)} inputs: max |merged - float64| = "
               f"{worst_abs:.3e}, max relative = {worst_rel:.3e}")  # fmt: skip
         model, tokenizer = models.load_model(str(out))
-        from dem.data import encode_prompts
-        from dem.evaluate import greedy_generate
+        from dem.evaluation.evaluate import greedy_generate
+        from dem.sources.data import encode_prompts
 
         ids = encode_prompts(tokenizer, [prompt])
         generated = greedy_generate(model, ids, 24, tokenizer.eos_token_id, tokenizer.pad_token_id)

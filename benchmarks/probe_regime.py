@@ -18,9 +18,9 @@ import time
 
 import torch
 
-from dem.evaluate import evaluate
+from dem.evaluation.evaluate import evaluate
 from dem.models import load_model
-from dem.search import InMemoryMerge
+from dem.search.weights import InMemoryMerge
 from dem.sources import get_source
 from dem.training.finetune import finetune
 

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from dem.bases import prepare_base
-from dem.evaluate import evaluate
+from dem.evaluation.evaluate import evaluate
 from dem.models import load_model
 from dem.training.finetune import finetune
 

@@ -9,7 +9,7 @@ embedded default (``notebooks/params/default.yaml`` adds nothing to them). From 
   :func:`dem.config_files.load_config`) refuses an unknown key, a value of the wrong type or
   outside its choices, naming the file and the key;
 - ``dem run --set KEY=VALUE`` and ``dem config``, which shows every setting with its why;
-- :meth:`dem.notebook.setup`, which checks the values a chapter was run with.
+- :meth:`dem.chapters.notebook.setup`, which checks the values a chapter was run with.
 """
 
 from __future__ import annotations
@@ -31,13 +31,13 @@ SELECT_METRICS = ("accuracy", "loss")
 
 
 def _strategies() -> tuple:
-    from dem.search import STRATEGIES  # the gradient search runs beside the chosen one (04)
+    from dem.search.strategies import STRATEGIES  # gradient search runs beside the chosen one (04)
 
     return tuple(s for s in STRATEGIES if s != "gradient")
 
 
 def _merge_methods() -> tuple:
-    from dem.methods import METHODS  # read lazily: it imports torch
+    from dem.merging.methods import METHODS  # read lazily: it imports torch
 
     return tuple(METHODS)
 

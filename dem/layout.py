@@ -77,7 +77,7 @@ FIGURES = (
 )
 # The training curve a training run leaves in its model folder (dem.training.runs writes it).
 TRAIN_LOG = "train_log.csv"
-# The provenance record the streaming merge leaves in its output (dem.merge writes it).
+# The provenance record the streaming merge leaves in its output (dem.merging.merge writes it).
 MERGE_RECORD = "dem_merge.json"
 
 

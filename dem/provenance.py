@@ -100,7 +100,7 @@ def provenance(command: list[str] | str | None = None) -> dict:
 
 
 # What can change a result's last bits between two machines running the same code: a run that
-# resumes on another one silently mixes two computations (dem/training/runs.py, dem/pipeline.py).
+# resumes on another one silently mixes two computations (dem/training/runs.py, dem/run/pipeline.py).
 MACHINE_KEYS = ("torch", "device", "dtype", "threads")
 ALLOW_MIX_ENV = "DEM_ALLOW_MIX"  # "1": dem run --allow-mix, seen by the chapters' kernels
 

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import torch
 
-from dem.data import build_tiny_tokenizer
+from dem.sources.data import build_tiny_tokenizer
 
 torch.set_num_threads(1)  # one thread is faster on these small shared machines
 

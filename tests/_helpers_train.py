@@ -29,8 +29,8 @@ class Interrupt(Exception):
 
 def make_base(folder: Path) -> Path:
     """Save a freshly initialised tiny Llama with the tiny tokenizer as a model folder."""
-    from dem.data import build_tiny_tokenizer
     from dem.models import build_tiny_model, save_model
+    from dem.sources.data import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
     return save_model(build_tiny_model(tokenizer, **TINY), tokenizer, folder)

@@ -3,8 +3,8 @@
 import pandas as pd
 import torch
 
-from dem.analysis import cosine_similarity, layer_norms, sign_agreement
-from dem.gradient import block_rank, tensor_blocks
+from dem.chapters.analysis import cosine_similarity, layer_norms, sign_agreement
+from dem.search.gradient import block_rank, tensor_blocks
 
 
 def _vectors():

@@ -230,7 +230,7 @@ SLOW_MERGE = """
 import signal, sys, time
 # A background job (nohup, CI runners) may start with SIGINT ignored: take Python's default.
 signal.signal(signal.SIGINT, signal.default_int_handler)
-from dem import safetensors_io
+from dem.merging import safetensors_io
 from dem.cli import main
 write = safetensors_io.ShardedWriter.write_chunks
 def slow(self, name, chunks):
@@ -286,7 +286,7 @@ def test_help_documents_every_option(capsys):
                    "--lambda", "--seed", "--gamma", "--epsilon", "--overwrite", "--config",
                    "--compute-dtype", "--max-shard-size", "--no-progress", "LoRA adapter"):  # fmt: skip
         assert option in text, option
-    from dem.methods import METHODS
+    from dem.merging.methods import METHODS
 
     for method in METHODS.values():  # choices and formulas come from the method records
         assert method.name in text and method.formula in text, method.name

@@ -15,12 +15,12 @@ import pytest
 import yaml
 
 from dem import DemError
+from dem.chapters.notebook import resolve_run_dir, setup
 from dem.cli import main
 from dem.config import ALL, RunConfig, make_config
 from dem.config_files import load_config, parameters_cell
-from dem.notebook import resolve_run_dir, setup
-from dem.pipeline import NOTEBOOKS, PARAMS, notebooks
 from dem.resources import run_parameter_sets
+from dem.run.pipeline import NOTEBOOKS, PARAMS, notebooks
 
 CHAPTERS = [nb for nb in notebooks() if nb.name[:2] in ALL]
 

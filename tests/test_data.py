@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from dem import DemError
-from dem.data import (
+from dem.sources import Example, get_source
+from dem.sources.data import (
     IGNORE_INDEX,
     PROMPT_SEPARATOR,
     TINY_ALPHABET,
@@ -21,7 +22,6 @@ from dem.data import (
     pad_batch,
     padding_fraction,
 )
-from dem.sources import Example, get_source
 
 
 def test_tiny_tokenizer_vocab_is_fixed(tok):

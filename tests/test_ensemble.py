@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from dem import DemError
-from dem.data import build_tiny_tokenizer, encode_prompts
-from dem.ensemble import Ensemble
-from dem.evaluate import evaluate, generate_answers, response_loss
-from dem.experiments import ensemble_search
+from dem.chapters.experiments import ensemble_search
+from dem.evaluation.evaluate import evaluate, generate_answers, response_loss
 from dem.models import build_tiny_model
+from dem.search.ensemble import Ensemble
 from dem.sources import get_source
+from dem.sources.data import build_tiny_tokenizer, encode_prompts
 
 TINY = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "max_position_embeddings": 96}
 

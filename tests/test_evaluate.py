@@ -10,8 +10,7 @@ import torch
 from _helpers_data import BigramStub, tiny_model
 
 from dem import DemError
-from dem.data import IGNORE_INDEX, encode_examples, encode_prompts, format_prompt, pad_batch
-from dem.evaluate import (
+from dem.evaluation.evaluate import (
     accuracy,
     choice_predictions,
     evaluate,
@@ -21,6 +20,7 @@ from dem.evaluate import (
     response_nll,
 )
 from dem.sources import Example, Source, get_source
+from dem.sources.data import IGNORE_INDEX, encode_examples, encode_prompts, format_prompt, pad_batch
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import nbformat as nbf
 
-from dem.execute import run_notebook, sections
+from dem.run.execute import run_notebook, sections
 
 
 def _notebook(path):

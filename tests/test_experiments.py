@@ -1,4 +1,4 @@
-"""The chapters' experiments (dem.experiments): λ search, landscape, baselines, DMix choice,
+"""The chapters' experiments (dem.chapters.experiments): λ search, landscape, baselines, DMix choice,
 swap record and the exactness checks, on stand-in scorers and tiny models."""
 
 from __future__ import annotations
@@ -7,11 +7,13 @@ import pandas as pd
 import pytest
 import torch
 
-from dem import DemError, baselines, experiments
-from dem.data import build_tiny_tokenizer
+from dem import DemError
+from dem.chapters import experiments
+from dem.merging.vectors import extract_vector, load_vector
 from dem.models import build_tiny_model, load_model, save_model
-from dem.search import InMemoryMerge
-from dem.vectors import extract_vector, load_vector
+from dem.search import baselines
+from dem.search.weights import InMemoryMerge
+from dem.sources.data import build_tiny_tokenizer
 
 TINY = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "max_position_embeddings": 64}
 
@@ -68,8 +70,8 @@ def test_lambda_search_puts_lambda_where_the_method_scales_by_it(
 def test_ties_lambda_changes_the_merge_and_equals_the_streaming_merge(tmp_path):
     """The λ chosen for TIES must reach the model: with the weights normalised away, a λ given
     as equal weights would leave every candidate the same merge."""
-    from dem.merge import merge
-    from dem.search import InMemoryMerge
+    from dem.merging.merge import merge
+    from dem.search.weights import InMemoryMerge
 
     tokenizer = build_tiny_tokenizer()
     base = save_model(_model(0), tokenizer, tmp_path / "base")
@@ -230,7 +232,7 @@ def test_max_abs_difference_of_two_models():
 
 
 def test_where_a_shared_lambda_goes_is_the_methods_own_rule():
-    from dem.methods import METHODS
+    from dem.merging.methods import METHODS
 
     assert METHODS["ties"].shared_scale == METHODS["della"].shared_scale == "lam"
     assert METHODS["dem"].shared_scale == METHODS["dare_linear"].shared_scale == "weights"
@@ -244,7 +246,7 @@ def test_where_a_shared_lambda_goes_is_the_methods_own_rule():
 
 def test_a_scorer_remembers_each_candidate_with_its_options(monkeypatch):
     """One scorer serves a whole λ search: the options are part of the candidate."""
-    from dem import search
+    from dem.search import weights as search
 
     calls = []
 
@@ -257,7 +259,7 @@ def test_a_scorer_remembers_each_candidate_with_its_options(monkeypatch):
     def fake_evaluate(model, tokenizer, sources, split, *, metrics, **kwargs):
         return pd.DataFrame([{"source": "a", "metric": "accuracy", "value": 0.5}])
 
-    monkeypatch.setattr("dem.evaluate.evaluate", fake_evaluate)
+    monkeypatch.setattr("dem.evaluation.evaluate.evaluate", fake_evaluate)
     score = search.validation_scorer(Merger(), None, [], metric="accuracy", method="ties",
                                      density=0.2)  # fmt: skip
     for lam in (0.5, 1.0, 0.5):

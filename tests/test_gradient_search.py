@@ -8,12 +8,13 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from dem import DemError, experiments
-from dem.data import IGNORE_INDEX, build_tiny_tokenizer
-from dem.evaluate import response_loss
-from dem.gradient import fit_batches, tensor_blocks
-from dem.search import InMemoryMerge, best_weights, search_weights, validation_scorer
+from dem import DemError
+from dem.chapters import experiments
+from dem.evaluation.evaluate import response_loss
+from dem.search.gradient import fit_batches, tensor_blocks
+from dem.search.weights import InMemoryMerge, best_weights, search_weights, validation_scorer
 from dem.sources import get_source
+from dem.sources.data import IGNORE_INDEX, build_tiny_tokenizer
 
 
 def _llama(seed: int, vocab: int = 40) -> LlamaForCausalLM:
@@ -163,14 +164,16 @@ def test_gradient_strategy_with_per_layer_weights_on_a_model():
 
 
 def test_a_scorer_answers_a_candidate_it_has_seen_from_memory(monkeypatch):
-    import dem.evaluate
+    import dem.evaluation.evaluate
 
     tokenizer = build_tiny_tokenizer()
     merger = _merger(vocab=len(tokenizer), dtype=torch.float32)
     sources = [get_source("arithmetic", n_validation=6)]
     calls = []
-    real = dem.evaluate.evaluate
-    monkeypatch.setattr(dem.evaluate, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = dem.evaluation.evaluate.evaluate
+    monkeypatch.setattr(
+        dem.evaluation.evaluate, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
     score = validation_scorer(merger, tokenizer, sources, metric="loss")
     first = score({"a": 0.5, "b": 0.25})
     again = score({"b": 0.25, "a": 0.5})  # the same candidate
@@ -181,14 +184,14 @@ def test_a_scorer_answers_a_candidate_it_has_seen_from_memory(monkeypatch):
 
 
 def test_adamerging_fits_on_its_own_examples_and_selects_on_the_selection_examples(monkeypatch):
-    import dem.evaluate
-    import dem.gradient
+    import dem.evaluation.evaluate
+    import dem.search.gradient
 
     tokenizer = build_tiny_tokenizer()
     merger = _merger(vocab=len(tokenizer), dtype=torch.float32)
     sources = [get_source(n, n_validation=12) for n in ("arithmetic", "word_edit")]
     scored, fitted = [], []
-    evaluate, fit_batches = dem.evaluate.evaluate, dem.gradient.fit_batches
+    evaluate, fit_batches = dem.evaluation.evaluate.evaluate, dem.search.gradient.fit_batches
 
     def scoring(model, tok, srcs, split, **options):
         scored.append((split, options["max_examples"]))
@@ -198,8 +201,8 @@ def test_adamerging_fits_on_its_own_examples_and_selects_on_the_selection_exampl
         fitted.append(examples)
         return fit_batches(tok, srcs, examples, **options)
 
-    monkeypatch.setattr(dem.evaluate, "evaluate", scoring)
-    monkeypatch.setattr(dem.gradient, "fit_batches", fitting)
+    monkeypatch.setattr(dem.evaluation.evaluate, "evaluate", scoring)
+    monkeypatch.setattr(dem.search.gradient, "fit_batches", fitting)
     score = validation_scorer(merger, tokenizer, sources, metric="loss", max_examples=4)
     trials = experiments.adamerging_search(merger, tokenizer, sources, score, steps=20, lr=0.05,
                                            minibatch=2, max_examples=4, max_length=64)  # fmt: skip

@@ -71,14 +71,14 @@ def test_dem_evaluate_harness_scores_the_tiny_base(tmp_path, capsys):
 
 
 def test_unknown_task_names_dem_offline_tasks():
-    from dem.harness import harness_evaluate
+    from dem.evaluation.harness import harness_evaluate
 
     with pytest.raises(DemError, match="unknown harness task.*dem_boolq.*dem_offline"):
         harness_evaluate("dem:tiny-knowledge", ["dem_nonexistent"])
 
 
 def test_task_files_are_shipped_with_the_package_and_name_installed_files():
-    from dem.harness import TASKS_DIR, offline_task_folder, offline_tasks
+    from dem.evaluation.harness import TASKS_DIR, offline_task_folder, offline_tasks
 
     assert offline_tasks() == ["dem_asdiv", "dem_boolq", "dem_commonsense_qa", "dem_gsm8k"]
     folder, info = offline_task_folder()
@@ -94,7 +94,7 @@ def test_a_hub_task_without_a_hub_is_one_clear_error(monkeypatch):
     # harness's own tasks and timing out takes minutes, so the failure is stood in for here.
     import lm_eval
 
-    from dem.harness import harness_evaluate
+    from dem.evaluation.harness import harness_evaluate
 
     def offline(**kwargs):
         raise ConnectionError("Couldn't reach 'aps/super_glue' on the Hub")

@@ -1,7 +1,10 @@
-"""The package's import graph has no cycle, counting imports inside function bodies too.
+"""The package's import graph: no cycle, and no import back up the stages of the method.
 
-A lazy import inside a function hides a cycle from Python but not from a reader: two modules
-that need each other are one idea split in two (issue 10).
+Imports inside function bodies count too. A lazy import hides a cycle from Python but not from a
+reader: two modules that need each other are one idea split in two (issue 10). The stages are
+the package's folders in the order the chapters meet them; a module may import its own stage,
+an earlier one, and the foundation (the modules at ``dem/``'s top level, which import no stage),
+so each stage can be read knowing only the ones before it.
 """
 
 import ast
@@ -80,3 +83,41 @@ def test_no_module_is_long():
         p.name: n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 420
     }
     assert not long, f"modules over ~400 lines: {long}"
+
+
+# The stages, in order; the foundation (dem/*.py) comes before them all, and the command line
+# (dem/cli, dem/__main__) after them.
+STAGES = ("sources", "evaluation", "training", "merging", "search", "chapters", "run", "cli")
+
+# The one import up the stages: the declaration of every run setting (dem.config, foundation, read
+# by training's knobs for their defaults) checks ``merge_method`` and ``strategy`` against the names
+# the merging and search stages register, imported when such a value is checked.
+UPWARD = {("dem.config", "dem.merging.methods"), ("dem.config", "dem.search.strategies")}
+
+
+def stage_of(module: str) -> int:
+    """0 for the foundation, else 1 + the stage's place in STAGES."""
+    parts = module.split(".")
+    if module == "dem.__main__":
+        return STAGES.index("cli") + 1
+    return STAGES.index(parts[1]) + 1 if len(parts) > 1 and parts[1] in STAGES else 0
+
+
+def upward_imports(graph: dict[str, set[str]]) -> set[tuple[str, str]]:
+    return {(m, dep) for m, deps in graph.items() for dep in deps if stage_of(dep) > stage_of(m)}
+
+
+def test_stage_finder_finds_an_upward_import():
+    graph = {"dem.io": set(), "dem.merging.merge": {"dem.io", "dem.search.weights"}}
+    assert upward_imports(graph) == {("dem.merging.merge", "dem.search.weights")}
+    assert stage_of("dem.sources") == 1 and stage_of("dem.models") == 0
+
+
+def test_every_folder_is_a_stage():
+    folders = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
+    assert folders == set(STAGES), f"place every package in STAGES: {folders ^ set(STAGES)}"
+
+
+def test_no_module_imports_a_later_stage():
+    up = upward_imports(import_graph())
+    assert up == UPWARD, f"imports up the stages (STAGES): {sorted(up - UPWARD)}"

@@ -22,14 +22,14 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from dem.pipeline import NOTEBOOKS, PARAMS
+from dem.run.pipeline import NOTEBOOKS, PARAMS
 
 CHAPTERS = ("01_data_sources.ipynb", "02_finetuning.ipynb")
 
 
 def _command(params: Path, books: Path, out: Path) -> list[str]:
     code = (
-        "from dem import pipeline; "
+        "from dem.run import pipeline; "
         f"pipeline.run({str(params)!r}, {str(out)!r}, notebook_dir={str(books)!r}, quiet=True)"
     )
     return [sys.executable, "-c", code]

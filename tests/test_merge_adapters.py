@@ -12,8 +12,8 @@ import torch
 from _helpers_merge import load_weights, private_hash_cache, save_llama  # noqa: F401 (autouse)
 
 from dem import DemError
-from dem import merge as M
 from dem.cli import main
+from dem.merging import merge as M
 
 torch.set_num_threads(1)
 peft = pytest.importorskip("peft")

@@ -8,9 +8,9 @@ import torch
 from _helpers_merge import ref_band, reference
 
 from dem import DemError
-from dem import merge_steps as S
-from dem import methods as M
-from dem.methods import METHODS
+from dem.merging import methods as M
+from dem.merging import steps as S
+from dem.merging.methods import METHODS
 
 torch.set_num_threads(1)
 

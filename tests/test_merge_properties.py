@@ -1,6 +1,6 @@
 """The merge's invariants, property-tested over random shapes, dtypes, weights and block sizes.
 
-Each property is a statement about the formulas (dem/methods.py) that holds for any input,
+Each property is a statement about the formulas (dem/merging/methods.py) that holds for any input,
 not one worked case: zero weights give θ0, a one-hot weight gives that model, the weighted
 sums are linear in w and blind to the order of the models, TIES without trimming or sign
 conflict is task arithmetic, DARE dropping nothing is task arithmetic, and the streaming merge
@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from safetensors.torch import load_file, save_file
 
-from dem import merge as streaming
-from dem.methods import METHODS
+from dem.merging import merge as streaming
+from dem.merging.methods import METHODS
 
 torch.set_num_threads(1)
 # Modest counts keep the file well under 30 s on one core; deadline off: the first example

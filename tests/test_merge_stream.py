@@ -19,9 +19,9 @@ from _helpers_merge import (  # noqa: F401 (private_hash_cache: autouse fixture)
 from safetensors.torch import load_file, save_file
 
 from dem import DemError
-from dem import merge as M
-from dem.methods import METHODS, resolve_params, tensor_seed
-from dem.vectors import extract_vector, load_vector, vector_info
+from dem.merging import merge as M
+from dem.merging.methods import METHODS, resolve_params, tensor_seed
+from dem.merging.vectors import extract_vector, load_vector, vector_info
 
 torch.set_num_threads(1)
 W = [0.7, -0.2]
@@ -250,7 +250,7 @@ def test_overwrite_replaces_only_complete_outputs(zoo, tmp_path):
 
 
 def test_failure_mid_merge_leaves_nothing(zoo, tmp_path, monkeypatch):
-    from dem import safetensors_io
+    from dem.merging import safetensors_io
 
     calls = {"n": 0}
     original = safetensors_io.ShardedWriter.write_chunks
@@ -312,7 +312,7 @@ def test_streamed_and_in_memory_merges_are_the_same_computation(zoo, tmp_path, m
     monkeypatch.setattr(M, "CHUNK", 96)
     from transformers import LlamaForCausalLM
 
-    from dem.search import InMemoryMerge
+    from dem.search.weights import InMemoryMerge
 
     folders = [
         extract_vector(zoo["base"], zoo[k], tmp_path / k, progress=False) for k in ("m1", "m2")
@@ -334,7 +334,7 @@ def test_streamed_and_in_memory_merges_are_the_same_computation(zoo, tmp_path, m
 def test_inputs_are_hashed_as_the_merge_reads_them(zoo, tmp_path, monkeypatch):
     """A cold merge hashes each file in pieces, in order, as its blocks are read (one read of
     each byte), not in one pass of its own; a warm one hashes nothing."""
-    from dem import hashing
+    from dem.merging import hashing
 
     monkeypatch.setattr(M, "CHUNK", 96)
     pieces: dict[Path, list[tuple[int, int]]] = {}

@@ -11,7 +11,7 @@ import yaml
 from _helpers_merge import save_llama
 from _helpers_train import FAST
 
-from dem.merge import merge
+from dem.merging.merge import merge
 from dem.model_card import base_license, read_card, write_card
 from dem.training.finetune import finetune
 

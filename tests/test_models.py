@@ -74,7 +74,7 @@ def test_thread_environment_variables(monkeypatch):
 
 
 def test_tiny_model_shape_and_seed():
-    from dem.data import build_tiny_tokenizer
+    from dem.sources.data import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
     model = dem_models.build_tiny_model(tokenizer)

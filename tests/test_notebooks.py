@@ -15,7 +15,7 @@ import yaml
 from conftest import dem_run
 
 from dem.config_files import load_config
-from dem.pipeline import NOTEBOOKS, PARAMS, notebooks
+from dem.run.pipeline import NOTEBOOKS, PARAMS, notebooks
 
 BOOKS = notebooks()
 

@@ -10,7 +10,7 @@ import pytest
 
 from dem import DemError
 from dem.cli import main
-from dem.pipeline import PARAMS, resolve_params, run
+from dem.run.pipeline import PARAMS, resolve_params, run
 
 
 def _notebook(path: Path, body: str) -> None:

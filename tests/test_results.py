@@ -1,4 +1,4 @@
-"""Chapter 06's accounting (dem.results): costs per method, metrics.json, claims, read back from
+"""Chapter 06's accounting (dem.evaluation.results): costs per method, metrics.json, claims, read back from
 a hand-made run folder whose every number is known."""
 
 from __future__ import annotations
@@ -9,9 +9,7 @@ import pandas as pd
 import pytest
 
 from dem import DemError
-from dem.layout import RunLayout
-from dem.records import DMixRecord, MergeRecord, uniform_run
-from dem.results import (
+from dem.evaluation.results import (
     ChapterResults,
     build_metrics,
     claims,
@@ -20,6 +18,8 @@ from dem.results import (
     scores_by_method,
     write_table,
 )
+from dem.layout import RunLayout
+from dem.records import DMixRecord, MergeRecord, uniform_run
 
 NAMES = ["a", "b"]
 # Test accuracy per model and source (c is the composite source).

@@ -17,7 +17,7 @@ from test_pipeline import _notebook
 
 from dem import DemError
 from dem.cli import main
-from dem.pipeline import run
+from dem.run.pipeline import run
 from dem.training import finetune as finetune_module
 
 torch.set_num_threads(1)

@@ -1,4 +1,4 @@
-"""The run folder's layout and the chapters' one setup call (dem.layout, dem.notebook)."""
+"""The run folder's layout and the chapters' one setup call (dem.layout, dem.chapters.notebook)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from dem import DemError
+from dem.chapters.notebook import SETUP_PARAMETERS, cap_new_tokens, dmix_mixtures, setup
 from dem.layout import FIGURES, TABLES, RunLayout
-from dem.notebook import SETUP_PARAMETERS, cap_new_tokens, dmix_mixtures, setup
 from dem.sources import get_source
 
 PARAMS = {

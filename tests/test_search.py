@@ -7,8 +7,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from dem import DemError
-from dem.search import InMemoryMerge, best_weights, search_weights
-from dem.strategies import STRATEGIES, Strategy
+from dem.search.strategies import STRATEGIES, Strategy
+from dem.search.weights import InMemoryMerge, best_weights, search_weights
 
 
 def _tiny_llama(seed: int, tie: bool = True) -> LlamaForCausalLM:

@@ -8,7 +8,7 @@ import pytest
 
 from dem import DemError
 from dem.cli import main
-from dem.seeds import as_markdown, collect, summarize, write_summary
+from dem.run.seeds import as_markdown, collect, summarize, write_summary
 
 
 def _run(folder, seed, dem_a, dem_b):

@@ -14,8 +14,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from dem import DemError, scale, sweep
+from dem import DemError
+from dem.chapters import scale
 from dem.cli import main
+from dem.run import sweep
 
 BASES = [
     {"name": "a", "base_model": "dem:tiny-knowledge-h64"},
@@ -237,7 +239,7 @@ def test_chapter_07_is_clean_thin_and_documented():
 
 
 def test_dem_run_does_not_execute_chapter_07():
-    from dem.pipeline import notebooks
+    from dem.run.pipeline import notebooks
 
     assert sweep.CHAPTER.stem not in [nb.stem for nb in notebooks()]
 

@@ -50,7 +50,7 @@ def test_finished_run_is_a_model_folder_with_records(reference):
 
 
 def test_a_few_steps_lower_the_validation_loss(base, reference):
-    from dem.evaluate import response_loss
+    from dem.evaluation.evaluate import response_loss
     from dem.models import load_model
     from dem.sources import get_source
 
@@ -161,8 +161,8 @@ def test_cost_records_add_up(reference):
     assert 0 < log["wall_s"].iloc[-1] <= cost["wall_s"]
 
     # Independently: the non-padding tokens of exactly the examples the schedule trained on.
-    from dem.data import build_tiny_tokenizer, encode_examples
     from dem.sources import get_source
+    from dem.sources.data import build_tiny_tokenizer, encode_examples
 
     examples = get_source("arithmetic", **SOURCE_KWARGS).examples("train")
     encoded = encode_examples(build_tiny_tokenizer(), examples, FAST["max_length"])
@@ -330,7 +330,7 @@ def test_pretrain_is_cached_by_its_parameters(tmp_path):
 
 def test_pretraining_text_avoids_the_task_formats():
     text = " ".join(pretraining_text(20_000, seed=0))
-    from dem.data import PROMPT_SEPARATOR
+    from dem.sources.data import PROMPT_SEPARATOR
 
     for marker in ("=", "+", "####", "[", "?", PROMPT_SEPARATOR.strip()):
         assert marker not in text, marker

@@ -47,7 +47,7 @@ def test_output_is_an_ordinary_model_with_only_target_weights_changed(base, refe
 
 def test_the_saved_adapter_merges_to_the_saved_model(base, reference, tmp_path):
     """The run's peft adapter is a merge input: v = s·B·A from it equals the merged model's."""
-    from dem.merge import merge
+    from dem.merging.merge import merge
 
     out, _ = reference
     adapter = out / "adapter"
@@ -70,7 +70,7 @@ def test_the_saved_adapter_merges_to_the_saved_model(base, reference, tmp_path):
 
 
 def test_lora_lowers_the_validation_loss(base, reference):
-    from dem.evaluate import response_loss
+    from dem.evaluation.evaluate import response_loss
     from dem.models import load_model
     from dem.sources import get_source
 

@@ -1,4 +1,4 @@
-"""``dem merge`` and ``dem vectors``: options and the calls into :mod:`dem.merge`."""
+"""``dem merge`` and ``dem vectors``: options and the calls into :mod:`dem.merging.merge`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import textwrap
 
 from dem import DemError
-from dem.methods import METHODS, PARAMS, Param, ParameterError
+from dem.merging.methods import METHODS, PARAMS, Param, ParameterError
 
 DEFAULT_METHOD = "dem"
 
@@ -118,7 +118,7 @@ _METHOD_ROWS = "\n".join(
 )
 _MERGE_EPILOG = f"""\
 methods (θ0 = base, v_i = θ_i − θ0, w_i = the model's weight; * = a statistics pass over each
-tensor first; each method's exact conventions are in docs/reference.md and dem/methods.py):
+tensor first; each method's exact conventions are in docs/reference.md and dem/merging/methods.py):
 {_METHOD_ROWS}
 
 {
@@ -193,7 +193,7 @@ def _run_merge(args: argparse.Namespace) -> int:
         raise DemError(f"compute_dtype {s['compute_dtype']!r}: expected float32 or float64")
     import torch
 
-    from dem.merge import merge
+    from dem.merging.merge import merge
 
     params = {p.name: s[p.config_key] for p in PARAMS.values() if p.config_key in s}
     try:
@@ -218,7 +218,7 @@ def _run_merge(args: argparse.Namespace) -> int:
 
 
 def _run_vectors_extract(args: argparse.Namespace) -> int:
-    from dem.vectors import extract_vector
+    from dem.merging.vectors import extract_vector
 
     print(
         extract_vector(

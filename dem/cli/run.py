@@ -101,7 +101,8 @@ def _overrides(args: argparse.Namespace) -> dict:
 def _config(args: argparse.Namespace) -> int:
     import yaml
 
-    from dem import config_files, pipeline
+    from dem import config_files
+    from dem.run import pipeline
 
     if not args.params and not args.settings:
         print(config_files.describe())
@@ -113,7 +114,7 @@ def _config(args: argparse.Namespace) -> int:
 
 
 def _publish(args: argparse.Namespace) -> int:
-    from dem.publish import publish
+    from dem.run.publish import publish
 
     out = publish(args.run_dir, args.out, overwrite=args.overwrite)
     print(f"published: {out}/README.md")
@@ -121,7 +122,7 @@ def _publish(args: argparse.Namespace) -> int:
 
 
 def _seeds(args: argparse.Namespace) -> int:
-    from dem.seeds import run_seeds
+    from dem.run.seeds import run_seeds
 
     run_seeds(args.params, args.out, args.seeds)
     print(f"summary: {args.out}/summary.md")
@@ -129,7 +130,7 @@ def _seeds(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from dem import pipeline
+    from dem.run import pipeline
 
     if args.list:
         print("chapters:")
@@ -151,9 +152,9 @@ def _report(run_dir, *, quiet: bool) -> None:
     """The result table in the terminal and the chapters as Markdown in ``run_dir/report``."""
     import json
 
+    from dem.evaluation.results import summary_text
     from dem.layout import RunLayout
-    from dem.publish import publish
-    from dem.results import summary_text
+    from dem.run.publish import publish
 
     layout = RunLayout(run_dir)
     if layout.metrics.is_file():  # absent when --only stopped before chapter 06

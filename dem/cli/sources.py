@@ -158,7 +158,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.harness:
         return _evaluate_harness(args)
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
-    from dem.evaluate import check_request, evaluate
+    from dem.evaluation.evaluate import check_request, evaluate
     from dem.models import load_model, pick_device, set_cpu_threads
     from dem.sources import get_source
 
@@ -186,7 +186,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _evaluate_harness(args: argparse.Namespace) -> int:
-    from dem.harness import harness_evaluate, harness_table
+    from dem.evaluation.harness import harness_evaluate, harness_table
     from dem.io import write_json
     from dem.models import set_cpu_threads
 

@@ -39,7 +39,7 @@ def _sweep(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from dem.io import refuse_foreign_folder
-    from dem.sweep import run_sweep
+    from dem.run.sweep import run_sweep
 
     if not args.plan:
         # A sweep writes its manifest.json first; a folder with files but without it is

@@ -13,3 +13,5 @@ build its options) stays free of torch:
 * :mod:`~dem.training.pretrain` and :mod:`~dem.training.finetune` -- the two entry points:
   ``from dem.training.finetune import finetune``.
 """
+
+__all__ = ["finetune", "pretrain", "schedule", "settings"]

@@ -17,8 +17,8 @@ import torch
 from dem import DemError
 from dem import models as dem_models
 from dem.bases import resolve_base
-from dem.data import encode_examples, pad_batch
 from dem.sources import get_source
+from dem.sources.data import encode_examples, pad_batch
 from dem.training.loop import accelerator_for, train_loop, transformers_bars
 from dem.training.lora import ADAPTER_DIR, add_lora, merge_lora, require_peft
 from dem.training.runs import (

@@ -23,8 +23,8 @@ import torch
 from dem import DemError
 from dem import models as dem_models
 from dem import progress as dem_progress
-from dem.data import pad_batch
-from dem.evaluate import response_nll
+from dem.evaluation.evaluate import response_nll
+from dem.sources.data import pad_batch
 from dem.training.checkpoints import load_checkpoint, save_checkpoint
 
 # beta2 = 0.99 rather than torch's 0.999: runs here are a few hundred steps, and a 1000-step

@@ -4,7 +4,7 @@ The adapters are merged before saving (``merge_and_unload``), so a LoRA run stil
 ordinary full model folder, and its distribution vector is the merged adapter update: nonzero
 only in the targeted matrices, each of rank at most ``lora_r``. The peft adapter is saved too,
 in the folder's ``adapter/`` (:data:`ADAPTER_DIR`): a merge input on its own (``dem merge``
-forms s·B·A from it block by block, :mod:`dem.adapters`).
+forms s·B·A from it block by block, :mod:`dem.merging.adapters`).
 """
 
 from __future__ import annotations

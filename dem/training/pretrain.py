@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from dem import models as dem_models
-from dem.data import build_tiny_tokenizer, pad_batch
 from dem.sources import knowledge, pretraining
+from dem.sources.data import build_tiny_tokenizer, pad_batch
 from dem.training.loop import accelerator_for, train_loop, transformers_bars
 from dem.training.runs import (
     complete,

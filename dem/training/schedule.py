@@ -89,7 +89,7 @@ def build_schedule(
 
     Each slot's source is drawn by the mixture ratios; within a source, examples are taken in
     a fresh random order per epoch (every example once before any repeats). Slots are then
-    length-bucketed like :func:`dem.data.make_batches` -- pools of ``pool_batches`` batches
+    length-bucketed like :func:`dem.sources.data.make_batches` -- pools of ``pool_batches`` batches
     sorted by length -- so batches need little padding, and the batch order is shuffled.
     Each batch lists its examples shortest first. Pure function of its arguments: this is
     what makes resumption exact.
