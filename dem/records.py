@@ -1,9 +1,10 @@
-"""What a chapter hands to the chapters after it, as typed records.
+"""What a chapter hands to the chapters after it, as typed records and declared tables.
 
 Each record is a dataclass saved as JSON in the run folder's ``tables/`` (the file named by
 ``TABLE``); a later chapter reads it back with :meth:`load` and uses its fields by name, never a
 row's position or a label's spelling. Tables of scores and costs stay CSV files with one row per
-model (:data:`dem.layout.TABLES` lists them); the records say what those rows are.
+model (:data:`dem.layout.TABLES` lists them); :data:`SCHEMAS` declares the columns a later
+chapter reads from each, :func:`read_table` checks them, and the records say what the rows are.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import ClassVar
+
+import pandas as pd
 
 from dem import DemError
 from dem.io import write_json
@@ -82,3 +85,37 @@ def uniform_run(runs: dict[str, dict[str, float]]) -> str:
             "the baseline at DEM's budget"
         )
     return equal[0]
+
+
+# The CSV tables a later chapter reads: (the chapter writing it, the columns read by name).
+# Scores are long (one row per model, source and metric); costs are indexed by the model's label.
+SCORES = ("model", "source", "metric", "value")
+COSTS = ("train_tokens", "wall_s")
+SCHEMAS = {
+    "02_individual_test": ("02", SCORES),
+    "02_finetune_costs": ("02", COSTS),
+    "03_relative_norms": ("03", ("source", "relative")),
+    "03_barriers": ("03", ("pair", "barrier")),
+    "03_merge_gaps": ("03", ("pair", "gap")),
+    "04_merge_test": ("04", SCORES),
+    "05_dmix_test": ("05", SCORES),
+    "05_dmix_costs": ("05", COSTS),
+    "05_dmix_dem_guided_cost": ("05", COSTS),
+}
+
+
+def read_table(layout: RunLayout, name: str, *, optional: bool = False) -> pd.DataFrame | None:
+    """A declared table of the run, its columns checked against :data:`SCHEMAS` (a cost table
+    indexed by its first column). ``optional``: None when the chapter skipped it (chapter 03's
+    paths when ``path_points`` is empty)."""
+    writer, columns = SCHEMAS[name]
+    path = layout.table(name)
+    if not path.is_file():
+        if optional:
+            return None
+        raise DemError(f"{path} is missing: run chapter {writer} first")
+    table = pd.read_csv(path, index_col=0 if columns == COSTS else None)
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise DemError(f"{path} has no column {', '.join(missing)}: rerun chapter {writer}")
+    return table

@@ -274,7 +274,7 @@ CASES = [
         ["sweep", "--params", "{sweep_unknown_yaml}", "--out", "{out}"],
         "colour",
     ),
-    ("sweep-out-occupied", ["sweep", "--params", "smoke", "--out", "{occupied}"], "occupied"),
+    ("sweep-out-occupied", ["sweep", "--params", "sweep-smoke", "--out", "{occupied}"], "occupied"),
 ]
 
 

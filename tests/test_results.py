@@ -218,3 +218,19 @@ def test_records_are_read_by_field_and_a_missing_one_names_its_chapter(layout, t
     assert uniform_run({"x": {"a": 2.0, "b": 1.0}, "y": {"a": 1.0, "b": 1.0}}) == "y"
     with pytest.raises(DemError, match="no uniform ratio"):
         uniform_run({"x": {"a": 2.0, "b": 1.0}})
+
+
+def test_declared_tables_are_read_by_column_and_a_wrong_one_names_its_chapter(layout, tmp_path):
+    from dem.records import SCHEMAS, read_table
+
+    assert read_table(layout, "02_finetune_costs").loc["b", "train_tokens"] == 300
+    assert read_table(layout, "03_barriers", optional=True) is None  # chapter 03 skipped paths
+    with pytest.raises(DemError, match="03_barriers.csv is missing: run chapter 03 first"):
+        read_table(layout, "03_barriers")
+    # a table written without a column a later chapter reads: refused by name, not a KeyError
+    write_table(pd.DataFrame({"source": NAMES, "norm": [1.0, 2.0]}),
+                layout.table("03_relative_norms"), index=False)  # fmt: skip
+    with pytest.raises(DemError, match="has no column relative: rerun chapter 03"):
+        ChapterResults.load(layout)
+    # every table chapter 06 reads is declared, with the chapter that writes it
+    assert {name[:2] for name in SCHEMAS} == {"02", "03", "04", "05"}

@@ -4,9 +4,12 @@ analysis against known answers, and the smoke sweep end to end through the comma
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import nbformat
 import numpy as np
@@ -253,9 +256,15 @@ def _dem(*args):
                           "MPLBACKEND": "agg"})  # fmt: skip
 
 
-def test_smoke_sweep_fills_the_tables_resumes_and_publishes(tmp_path):
-    out = tmp_path / "sweep"
-    first = _dem("sweep", "--params", "sweep-smoke", "--out", out)
+@pytest.fixture(scope="module")
+def smoke_sweep(tmp_path_factory):
+    """The smoke sweep run once, uninterrupted: its folder and the command's result."""
+    out = tmp_path_factory.mktemp("smoke") / "sweep"
+    return out, _dem("sweep", "--params", "sweep-smoke", "--out", out)
+
+
+def test_smoke_sweep_fills_the_tables_resumes_and_publishes(smoke_sweep, tmp_path):
+    out, first = smoke_sweep
     assert first.returncode == 0, first.stderr[-2000:]
     results = pd.read_csv(out / "results.csv")
     cells = sorted(p.name for p in (out / "cells").iterdir())
@@ -272,6 +281,10 @@ def test_smoke_sweep_fills_the_tables_resumes_and_publishes(tmp_path):
                    "train_tokens", "cell_wall_s", "search_candidates", "search_s"]:  # fmt: skip
         assert column in results
     assert results.loc[results.method == "dem", "search_candidates"].gt(0).all()
+    # every DEM variant's chosen weights carry their validation score, the others none
+    variants = results[results.method.str.match(scale.DEM_VARIANTS)]
+    assert variants.validation.notna().all() and variants.validation.between(0, 1).all()
+    assert results[results.method.str.startswith("dmix")].validation.isna().all()
     diagnostics = pd.read_csv(out / "diagnostics.csv")
     assert set(diagnostics.quantity) == {"relative_norm", "cosine", "merge_gap"}
     assert (out / "figures" / "07_gap_vs_params.png").stat().st_size > 0
@@ -303,3 +316,44 @@ def test_cli_refuses_a_bad_sweep_file_in_one_line_and_writes_nothing(tmp_path):
     plan = _dem("sweep", "--params", "sweep-smoke", "--out", tmp_path / "out", "--plan")
     assert plan.returncode == 0 and "h64-x1-full-s0" in plan.stdout
     assert not (tmp_path / "out").exists()
+
+
+def _compare_runs():
+    """benchmarks/compare_runs.py: two run folders equal number by number, wall times aside."""
+    path = Path(__file__).parents[1] / "benchmarks" / "compare_runs.py"
+    spec = importlib.util.spec_from_file_location("compare_runs", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.compare
+
+
+@pytest.mark.slow
+def test_a_sweep_killed_mid_chapter_resumes_to_the_same_numbers(smoke_sweep, tmp_path):
+    """SIGKILL to dem sweep and its kernels inside the first cell's chapter 04 (its dem run
+    killed mid-chapter, the sweep mid-cell), then the same command: every cell's metrics.json
+    and tables equal the uninterrupted sweep's."""
+    import psutil
+
+    reference, first = smoke_sweep
+    assert first.returncode == 0, first.stderr[-2000:]
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "dem", "sweep", "--params", "sweep-smoke", "--out", str(out),
+               "--no-chapter"]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    chapters = out / "cells" / "h64-x1-full-s0" / "chapters"
+    deadline = time.monotonic() + 600
+    while not (chapters / "03.json").exists() and time.monotonic() < deadline:
+        assert process.poll() is None, "the sweep ended before its first cell reached chapter 04"
+        time.sleep(0.05)
+    time.sleep(2)  # into chapter 04's weight search
+    parent = psutil.Process(process.pid)
+    family = [*parent.children(recursive=True), parent]
+    for p in family:
+        p.kill()
+    psutil.wait_procs(family, timeout=30)
+    assert (chapters / "03.json").exists() and not (chapters / "04.json").exists()
+    again = _dem("sweep", "--params", "sweep-smoke", "--out", out, "--no-chapter")
+    assert again.returncode == 0, again.stderr[-2000:]
+    compare = _compare_runs()
+    for cell in ("h64-x1-full-s0", "h128-x1-full-s0"):
+        assert compare(reference / "cells" / cell, out / "cells" / cell) == [], cell

@@ -265,6 +265,30 @@ class SwapResult:
         }
 
 
+def _tune_new_source(run: Run, name: str, settings: FinetuneSettings) -> dict:
+    """Fine-tune ``name`` alone and extract its vector (both replace any earlier ones); the
+    fine-tune's cost."""
+    layout = run.layout
+    cost = finetune(layout.base, layout.ft_model(name), mixture={name: 1.0}, settings=settings,
+                    source_kwargs=run.source_kwargs, custom_sources=run.custom_sources,
+                    replace=True)  # fmt: skip
+    vectors.extract_vector(layout.base, layout.ft_model(name), layout.vector(name),
+                           overwrite=True, progress=False)  # fmt: skip
+    return cost
+
+
+def _swap_costs(new_cost: dict, trials: pd.DataFrame, dmix_search_cost: tuple) -> pd.DataFrame:
+    """What each recipe pays to take the swap: DEM one fine-tune and a new search; DMix its
+    whole ratio search again."""
+    search_tokens, search_wall = dmix_search_cost
+    dem_wall = new_cost["wall_s"] + trials.merge_s.sum() + trials.eval_s.sum()
+    rows = [{"recipe": "DEM: one fine-tune + new search", "train_tokens": new_cost["train_tokens"],
+             "wall_s": dem_wall},
+            {"recipe": "DMix: repeat the ratio search", "train_tokens": search_tokens,
+             "wall_s": search_wall}]  # fmt: skip
+    return pd.DataFrame(rows).set_index("recipe")
+
+
 def swap_source(
     run: Run,
     swap_out: str,
@@ -282,71 +306,27 @@ def swap_source(
 ) -> SwapResult:
     """Replace ``swap_out`` by ``swap_in``: one fine-tune, one vector, a new weight search.
 
-    ``settings`` are the fine-tune's (``steps`` the budget of ``swap_in``). The other sources' vectors are reused. Under data mixing every run of the ratio search
-    trains on the changed mixture, so its cost is ``dmix_search_cost`` (tokens, wall seconds)
-    again: the runs have the same steps and batch size.
+    ``settings`` are the fine-tune's (``steps`` the budget of ``swap_in``). The other sources'
+    vectors are reused. Under data mixing every run of the ratio search trains on the changed
+    mixture, so its cost is ``dmix_search_cost`` (tokens, wall seconds) again: the runs have
+    the same steps and batch size.
     """
     layout = run.layout
     swapped = [n for n in run.names if n != swap_out] + [swap_in]
-    new_source = run.source(swap_in)
-    new_cost = finetune(
-        layout.base,
-        layout.ft_model(swap_in),
-        mixture={swap_in: 1.0},
-        settings=settings,
-        source_kwargs=run.source_kwargs,
-        custom_sources=run.custom_sources,
-        replace=True,
-    )
-    vectors.extract_vector(
-        layout.base,
-        layout.ft_model(swap_in),
-        layout.vector(swap_in),
-        overwrite=True,
-        progress=False,
-    )
+    new_cost = _tune_new_source(run, swap_in, settings)
     model, tokenizer = models.load_model(str(layout.base), device=run.device)
     merger = InMemoryMerge(model, {n: vectors.load_vector(layout.vector(n)) for n in swapped})
-    sources = [s for s in run.train_sources if s.name != swap_out] + [new_source]
-    score = validation_scorer(
-        merger, tokenizer, sources, metric=metric, max_examples=max_examples, batch_size=batch_size
-    )
-    trials = search_weights(
-        score,
-        swapped,
-        strategy,
-        values=values,
-        n_trials=n_trials,
-        seed=run.seed,
-        minimize=MINIMIZE[metric],
-    )
+    sources = [s for s in run.train_sources if s.name != swap_out] + [run.source(swap_in)]
+    score = validation_scorer(merger, tokenizer, sources, metric=metric,
+                              max_examples=max_examples, batch_size=batch_size)  # fmt: skip
+    trials = search_weights(score, swapped, strategy, values=values, n_trials=n_trials,
+                            seed=run.seed, minimize=MINIMIZE[metric])  # fmt: skip
     merger.apply(best_weights(trials))
-    test = evaluate(
-        model,
-        tokenizer,
-        sources,
-        "test",
-        metrics=("accuracy",),
-        max_examples=eval_max_examples,
-        batch_size=batch_size,
-        model_name="dem_swapped",
-    )
-    search_tokens, search_wall = dmix_search_cost
-    cost = pd.DataFrame(
-        [
-            {
-                "recipe": "DEM: one fine-tune + new search",
-                "train_tokens": new_cost["train_tokens"],
-                "wall_s": new_cost["wall_s"] + trials.merge_s.sum() + trials.eval_s.sum(),
-            },
-            {
-                "recipe": "DMix: repeat the ratio search",
-                "train_tokens": search_tokens,
-                "wall_s": search_wall,
-            },
-        ]
-    ).set_index("recipe")
-    return SwapResult(swap_out, swap_in, best_weights(trials), test, cost)
+    test = evaluate(model, tokenizer, sources, "test", metrics=("accuracy",),
+                    max_examples=eval_max_examples, batch_size=batch_size,
+                    model_name="dem_swapped")  # fmt: skip
+    return SwapResult(swap_out, swap_in, best_weights(trials), test,
+                      _swap_costs(new_cost, trials, dmix_search_cost))  # fmt: skip
 
 
 # --- exactness checks (03, 04) -------------------------------------------------------------------

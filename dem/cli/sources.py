@@ -43,7 +43,12 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         "{model, source, split, metric, value} rows; or, with --harness, on "
         "lm-evaluation-harness tasks and print a table.",
     )
-    e.add_argument("--model", required=True, metavar="DIR", help="model folder or hub id")
+    which = e.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", metavar="DIR", help="model folder or hub id")
+    which.add_argument("--run", metavar="RUN",
+                       help="with --harness: every model a finished dem run saved (base, fine-tunes, "
+                       "DEM, DMix), on tasks none of its sources trained on (the paper's held-out "
+                       "measurement); writes RUN/tables/heldout.csv and heldout.json")  # fmt: skip
     what = e.add_mutually_exclusive_group(required=True)
     what.add_argument(
         "--source",
@@ -157,6 +162,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     if args.harness:
         return _evaluate_harness(args)
+    if args.run:
+        raise DemError("--run scores a run's models on harness tasks: give --harness TASKS too")
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
     from dem.evaluation.evaluate import check_request, evaluate
     from dem.models import load_model, pick_device, set_cpu_threads
@@ -186,11 +193,21 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _evaluate_harness(args: argparse.Namespace) -> int:
-    from dem.evaluation.harness import harness_evaluate, harness_table
+    from dem.evaluation.harness import (
+        harness_evaluate,
+        harness_table,
+        heldout_markdown,
+        heldout_scores,
+    )
     from dem.io import write_json
     from dem.models import set_cpu_threads
 
     set_cpu_threads()
+    if args.run:
+        record = heldout_scores(args.run, args.harness.split(","), limit=args.limit,
+                                batch_size=args.batch_size, device=args.device, seed=args.seed)  # fmt: skip
+        print(heldout_markdown(record))
+        return 0
     result = harness_evaluate(
         args.model, args.harness.split(","), limit=args.limit, num_fewshot=args.num_fewshot,
         batch_size=args.batch_size, device=args.device, seed=args.seed,

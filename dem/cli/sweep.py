@@ -30,25 +30,20 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--refresh", action="store_true",
                    help="pass finished cells through dem run too: it reruns only the chapters "
                    "whose notebook or settings changed (new methods after a code change)")  # fmt: skip
+    p.add_argument("--allow-mix", action="store_true",
+                   help="resume a cell begun with another torch version, device, dtype or thread "
+                   "count (refused otherwise: its numbers would mix two machines)")  # fmt: skip
     p.add_argument("--no-chapter", action="store_true",
                    help="write the tables but do not execute chapter 07 at the end")  # fmt: skip
     p.set_defaults(func=_sweep)
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from dem.io import refuse_foreign_folder
     from dem.run.sweep import run_sweep
 
-    if not args.plan:
-        # A sweep writes its manifest.json first; a folder with files but without it is
-        # someone else's.
-        out = Path(args.out)
-        ours = (out / "manifest.json").is_file()
-        refuse_foreign_folder(out, lambda _name: ours, "a dem sweep folder (no manifest.json)")
     run_sweep(args.params, args.out, plan_only=args.plan, only_cells=args.only_cells,
-              chapter=not args.no_chapter, refresh=args.refresh)  # fmt: skip
+              chapter=not args.no_chapter, refresh=args.refresh,
+              allow_mix=args.allow_mix)  # fmt: skip
     if not args.plan:
         print(f"sweep tables: {args.out}/results.csv, {args.out}/diagnostics.csv")
     return 0

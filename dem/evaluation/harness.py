@@ -237,3 +237,79 @@ def _file_sha256(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# The paper's held-out measurement over a finished run
+# ----------------------------------------------------------------------------------------------
+HELDOUT_TABLE = "heldout"  # <run>/tables/heldout.csv and heldout.json
+
+
+def heldout_scores(
+    run_dir: str | Path,
+    tasks: Sequence[str],
+    *,
+    limit: int | None = None,
+    batch_size: int = 8,
+    device: str = "auto",
+    seed: int = 0,
+    log=print,
+) -> dict:
+    """Score every model a finished run saved (base, fine-tunes, DEM, the DMix runs) on harness
+    ``tasks`` that none of the run's sources trained on: the paper's held-out claim is that DEM
+    keeps or improves what the base could do beyond its sources. A task made from one of the
+    run's sources is refused, as it is not held out.
+
+    Writes ``tables/heldout.csv`` (method, task, metric, value, stderr, n) and
+    ``tables/heldout.json`` (the lm-eval version, each task's config hash and data sha256, the
+    settings); returns that record. A model two methods report is scored once.
+    """
+    from dem.evaluation.results import ChapterResults, method_folders, write_table
+    from dem.io import write_json
+    from dem.layout import RunLayout
+
+    layout = RunLayout(run_dir)
+    if not layout.metrics.is_file():
+        raise DemError(f"{layout.metrics} not found: held-out scores need a finished run")
+    metrics = json.loads(layout.metrics.read_text())
+    trained = [t for t in tasks if t.removeprefix("dem_") in metrics["sources"]]
+    if trained:
+        raise DemError(f"task {trained[0]} is one of the run's sources, so not held out; "
+                       f"the run trained on {', '.join(metrics['sources'])}")  # fmt: skip
+    folders = method_folders(layout, ChapterResults.load(layout), metrics)
+    scored: dict[Path, dict] = {}
+    rows = []
+    for method, folder in folders.items():
+        if folder.resolve() not in scored:
+            log(f"[held-out] {method}: {', '.join(tasks)}")
+            scored[folder.resolve()] = harness_evaluate(folder, tasks, limit=limit, seed=seed,
+                                                        batch_size=batch_size, device=device)  # fmt: skip
+        rows += [{"method": method, **row} for row in scored[folder.resolve()]["rows"]]
+    first = next(iter(scored.values()))
+    record = {"lm_eval": first["lm_eval"], "tasks": first["tasks"], "settings": first["settings"],
+              "sources": metrics["sources"], "rows": rows}  # fmt: skip
+    import pandas as pd
+
+    write_table(pd.DataFrame(rows), layout.table(HELDOUT_TABLE), index=False)
+    write_json(layout.table(HELDOUT_TABLE).with_suffix(".json"), record)
+    return record
+
+
+def heldout_markdown(record: dict) -> str:
+    """The held-out record as Markdown: one row per method, one column per task (value ±
+    standard error), then the lm-eval version, the limit and each task's config hash."""
+    import pandas as pd
+
+    rows = pd.DataFrame(record["rows"])
+    rows["cell"] = [f"{v:.3f} ± {s:.3f}" if s is not None and s == s else f"{v:.3f}"
+                    for v, s in zip(rows.value, rows.stderr, strict=True)]  # fmt: skip
+    rows["column"] = rows.task + " " + rows.metric
+    wide = rows.pivot_table(index="method", columns="column", values="cell", aggfunc="first",
+                            sort=False)  # fmt: skip
+    limit = record["settings"].get("limit")
+    lines = [wide.rename_axis(index=None, columns=None).to_markdown(), "",
+             f"lm-eval {record['lm_eval']}, {'first ' + str(limit) if limit else 'all'} "
+             f"examples per task, {record['settings'].get('num_fewshot') or 0}-shot; the run "
+             f"trained on {', '.join(record['sources'])}. Task configs (sha256):"]  # fmt: skip
+    lines += [f"- {task}: `{info['config_sha256'][:12]}`" for task, info in record["tasks"].items()]
+    return "\n".join(lines)

@@ -13,7 +13,8 @@ import pandas as pd
 from dem import DemError, progress
 from dem.io import atomic_file
 from dem.layout import RunLayout
-from dem.records import DMixRecord, MergeRecord
+from dem.model_card import CARD, write_card
+from dem.records import DMixRecord, MergeRecord, read_table
 
 
 def write_table(table: pd.DataFrame, path: str | Path, **to_csv) -> Path:
@@ -139,22 +140,22 @@ class ChapterResults:
 
     @classmethod
     def load(cls, layout: RunLayout) -> ChapterResults:
-        tables = {n: pd.read_csv(layout.table(n)) for n in ("02_individual_test", "04_merge_test",
-                                                            "05_dmix_test")}  # fmt: skip
+        tables = {n: read_table(layout, n) for n in ("02_individual_test", "04_merge_test",
+                                                     "05_dmix_test")}  # fmt: skip
         dmix = DMixRecord.load(layout)
-        costs = [pd.read_csv(layout.table("05_dmix_costs"), index_col=0)]
+        costs = [read_table(layout, "05_dmix_costs")]
         if dmix.guided:
-            costs.append(pd.read_csv(layout.table("05_dmix_dem_guided_cost"), index_col=0))
+            costs.append(read_table(layout, "05_dmix_dem_guided_cost"))
         return cls(
             scores=pd.concat(tables.values(), ignore_index=True),
-            ft_costs=pd.read_csv(layout.table("02_finetune_costs"), index_col=0),
+            ft_costs=read_table(layout, "02_finetune_costs"),
             merge=MergeRecord.load(layout),
             merged=list(dict.fromkeys(tables["04_merge_test"].model)),
             dmix=dmix,
             dmix_costs=pd.concat(costs),
-            relative_norms=pd.read_csv(layout.table("03_relative_norms")),
-            barriers=_optional_table(layout, "03_barriers"),
-            merge_gaps=_optional_table(layout, "03_merge_gaps"),
+            relative_norms=read_table(layout, "03_relative_norms"),
+            barriers=read_table(layout, "03_barriers", optional=True),
+            merge_gaps=read_table(layout, "03_merge_gaps", optional=True),
         )
 
     @property
@@ -180,12 +181,6 @@ class ChapterResults:
         if self.dmix.guided:
             dmix["dmix_dem_guided"] = self.dmix.guided
         return dmix.get(method, method)
-
-
-def _optional_table(layout: RunLayout, name: str, **read_csv) -> pd.DataFrame | None:
-    # Chapter 03 skips the path measurements when path_points is empty.
-    path = layout.table(name)
-    return pd.read_csv(path, **read_csv) if path.exists() else None
 
 
 def _by_pair(table: pd.DataFrame | None, column: str) -> dict | None:
@@ -278,6 +273,32 @@ def build_metrics(results: ChapterResults, names: Sequence[str], composite: str 
             "merge_gap": _by_pair(results.merge_gaps, "gap"),
         },
     }
+
+
+def method_folders(layout: RunLayout, results: ChapterResults, metrics: Mapping) -> dict:
+    """``{method: model folder}`` for every method of ``metrics.json`` whose model the run saved:
+    the base, the fine-tunes, the DEM merge and the DMix runs (the other merges are scored in
+    memory and have no folder)."""
+    folders = {"base": layout.base, "dem": layout.dem_model}
+    folders |= {f"individual/{s}": layout.ft_model(s) for s in metrics["sources"]}
+    for method in ("dmix_uniform", "dmix_best", "dmix_dem_guided"):
+        if method in metrics["methods"]:
+            folders[method] = layout.dmix_model(results.model_of(method))
+    return {m: f for m, f in folders.items() if m in metrics["methods"] and f.is_dir()}
+
+
+def score_cards(layout: RunLayout, results: ChapterResults, metrics: Mapping) -> list[Path]:
+    """Rewrite the card (README.md) of every model folder the run made with the test scores
+    ``metrics.json`` holds for it. The written cards' paths."""
+    metric, written = metrics.get("metric", "accuracy"), []
+    for method, folder in method_folders(layout, results, metrics).items():
+        entry = metrics["methods"][method]
+        if method == "base" or not (folder / CARD).is_file():  # cards dem wrote for its models
+            continue
+        scores = {f"{source} test {metric}": v for source, v in entry["test"].items()}
+        scores[f"mean test {metric}"] = entry["average"]  # one model may report two methods
+        written.append(write_card(folder, scores))
+    return written
 
 
 def method_summary(layout: RunLayout, names: Sequence[str], methods: Sequence[str]) -> pd.DataFrame:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from dem import DemError, resources
-from dem.io import write_json
+from dem.io import refuse_foreign_folder, write_json
 from dem.provenance import provenance
 from dem.run.sweep_config import (
     Base,
@@ -221,8 +221,9 @@ def plan_text(plan: list[PlannedCell]) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def run_cell(planned: PlannedCell, out: Path) -> dict:
-    """Run the tutorial chapters for one cell (finished chapters are reused); its done record."""
+def run_cell(planned: PlannedCell, out: Path, *, allow_mix: bool = False) -> dict:
+    """Run the tutorial chapters for one cell (finished chapters are reused, and refused if
+    begun on another machine unless ``allow_mix``); its done record."""
     from dem.run import pipeline
 
     cell_dir = out / "cells" / planned.cell.id
@@ -235,7 +236,7 @@ def run_cell(planned: PlannedCell, out: Path) -> dict:
             stream.flush()
 
         pipeline.run(planned.params_file, cell_dir, overrides=planned.overrides, quiet=True,
-                     log=log)  # fmt: skip
+                     allow_mix=allow_mix, log=log)  # fmt: skip
     steps = json.loads((cell_dir / "manifest.json").read_text())["steps"]
     record = {
         "cell": {**asdict(planned.cell), "id": planned.cell.id},
@@ -258,6 +259,7 @@ def run_sweep(
     only_cells: Sequence[str] = (),
     chapter: bool = True,
     refresh: bool = False,
+    allow_mix: bool = False,
     log: Callable[[str], None] = print,
 ) -> list[PlannedCell]:
     """Plan the sweep, then run every unfinished selected cell, rewriting the tables after each.
@@ -266,6 +268,7 @@ def run_sweep(
     and the ``only_cells`` patterns. ``chapter``: execute chapter 07 on the tables at the end.
     ``refresh``: pass finished cells through dem run too, which reruns only the chapters whose
     notebook or settings changed since (a new method in chapter 04 reaches every cell).
+    ``allow_mix``: resume cells begun with another torch version, device, dtype or thread count.
     """
     path = resolve_sweep(sweep_file)
     config = load_sweep(path)
@@ -277,6 +280,10 @@ def run_sweep(
     if plan_only:
         log(plan_text(selected))
         return selected
+    # A sweep writes its manifest.json first; a folder with files but without it is someone
+    # else's, and nothing is written into it.
+    ours = (out / "manifest.json").is_file()
+    refuse_foreign_folder(out, lambda _name: ours, "a dem sweep folder (no manifest.json)")
     manifest_path = out / "manifest.json"
     previous = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     manifest = {
@@ -289,7 +296,7 @@ def run_sweep(
     if not any(not p.done for p in selected):  # the tables will not change: chapter 07 stands
         manifest.update({k: previous[k] for k in ("steps", "finished") if k in previous})
     write_json(manifest_path, manifest)
-    _run_cells(selected, plan, config, out, log)
+    _run_cells(selected, plan, config, out, log, allow_mix=allow_mix)
     write_tables(out, plan, [c.id for c in select_cells(config)])
     if chapter:
         manifest["steps"] = run_chapter(out, log)
@@ -300,7 +307,13 @@ def run_sweep(
 
 
 def _run_cells(
-    selected: list[PlannedCell], plan: list[PlannedCell], config: SweepConfig, out: Path, log
+    selected: list[PlannedCell],
+    plan: list[PlannedCell],
+    config: SweepConfig,
+    out: Path,
+    log,
+    *,
+    allow_mix: bool = False,
 ) -> None:
     """Run the unfinished selected cells, one progress line each; the tables after each."""
     for i, p in enumerate(selected, 1):
@@ -309,7 +322,7 @@ def _run_cells(
             log(f"{head}: finished earlier, skipped")
             continue
         log(f"{head}: running (about {_minutes(p.estimate_s)}; log: {out}/logs/{p.cell.id}.log)")
-        p.wall_s, p.done = run_cell(p, out)["wall_s"], True
+        p.wall_s, p.done = run_cell(p, out, allow_mix=allow_mix)["wall_s"], True
         results = write_tables(out, plan, [c.id for c in select_cells(config)])
         log(f"{head}: done in {_minutes(p.wall_s)}; {headline(results, p.cell.id)}")
 

@@ -49,6 +49,17 @@ def use_gradient_checkpointing(requested: bool | None, device: torch.device) -> 
     return torch.cuda.get_device_properties(device).total_memory < 40 * 2**30
 
 
+def _checked_sources(
+    ratios: Mapping[str, float], source_kwargs: dict, custom_sources: dict
+) -> dict:
+    """The mixture's sources, each read once: an unknown name (DemError listing the known
+    sources) or a malformed line in a user's file fails before any model or folder exists."""
+    sources = {name: get_source(custom_sources.get(name, name), **source_kwargs) for name in ratios}
+    for src in sources.values():
+        src.examples("train"), src.examples("validation")
+    return sources
+
+
 def finetune(
     base: str | Path,
     out_dir: str | Path,
@@ -87,10 +98,7 @@ def finetune(
     ratios = normalize_mixture(mixture)
     source_kwargs = dict(source_kwargs or {})
     custom_sources = {k: dict(v) for k, v in (custom_sources or {}).items()}
-    # An unknown name raises DemError listing the known sources, before any model is loaded.
-    sources = {name: get_source(custom_sources.get(name, name), **source_kwargs) for name in ratios}
-    for src in sources.values():  # a malformed line in a user's file fails before any folder
-        src.examples("train"), src.examples("validation")
+    sources = _checked_sources(ratios, source_kwargs, custom_sources)
     out = Path(out_dir)
     accelerator = accelerator_for(s.device)
     with accelerator.main_process_first():  # a GGUF base is converted once, by one process
