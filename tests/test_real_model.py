@@ -92,3 +92,47 @@ def test_smollm2_smoke_parameters_run_end_to_end(tmp_path):
     assert (ft / "model.safetensors").is_file()
     assert (ft / "adapter" / "adapter_config.json").is_file()
     assert (ft / "adapter" / "adapter_model.safetensors").is_file()
+    _merge_is_base_plus_weighted_vectors(out / "models" / "dem", merge_record)
+    _values_in_recorded_bands(out, metrics)
+
+
+def _merge_is_base_plus_weighted_vectors(folder, record):
+    """The DEM model on disk is θ0 + Σ wᵢ(θᵢ − θ0), tensor by tensor, from the files its
+    record names: the merge the notebooks make is the method, not only a file with its name."""
+    from safetensors.torch import load_file
+
+    merged = load_file(folder / "model.safetensors")
+    base = load_file(os.path.join(record["base"]["path"], "model.safetensors"))
+    tuned = [(m["weight"], load_file(os.path.join(m["path"], "model.safetensors")))
+             for m in record["models"]]  # fmt: skip
+    assert any(w != 0 for w, _ in tuned) and merged.keys() == base.keys()
+    for name, theta0 in base.items():
+        expected = theta0.double() + sum(w * (t[name].double() - theta0.double()) for w, t in tuned)
+        # computed in float32 (compute_dtype), then stored in the base's dtype
+        assert torch.allclose(merged[name].double(), expected, rtol=1e-5, atol=1e-6), name
+
+
+# Measured on the 2-core CPU these tests run on (torch 2.13.0, smollm2-smoke.yaml, at 01dc11f). What a code change
+# may not move: the base model's first training loss on each source (the data, chat template and
+# label masking) and each fine-tune's validation loss after its one step. The bands allow for
+# another CPU's summation order, not for a change of what is computed.
+FIRST_LOSS = {"gsm8k": 0.8292, "boolq": 4.7282, "commonsense_qa": 0.7963}
+FINAL_VAL_LOSS = {"gsm8k": 1.2897, "boolq": 4.7192, "commonsense_qa": 0.7545}
+LOSS_BAND = 0.02
+
+
+def _values_in_recorded_bands(out, metrics):
+    import pandas as pd
+
+    for source in metrics["sources"]:
+        ft = out / "models" / "ft" / source
+        first = float(pd.read_csv(ft / "train_log.csv").loss.iloc[0])
+        final = json.loads((ft / "cost.json").read_text())["final_val_loss"]
+        assert first == pytest.approx(FIRST_LOSS[source], abs=LOSS_BAND), source
+        assert final == pytest.approx(FINAL_VAL_LOSS[source], abs=LOSS_BAND), source
+    for method in metrics["methods"].values():  # 2 test examples per source: 0, 0.5 or 1
+        assert all(v in (0.0, 0.5, 1.0) for v in method["test"].values())
+    # DMix trains on the fine-tunes' total budget: the same optimizer steps and batch
+    ft_tokens = sum(metrics["methods"][f"individual/{s}"]["cost"]["train_tokens"]
+                    for s in metrics["sources"])  # fmt: skip
+    assert metrics["methods"]["dem"]["cost"]["train_tokens"] == ft_tokens
