@@ -253,6 +253,30 @@ def test_vectors_round_trip_and_merge_from_vectors(zoo, tmp_path):
         assert v.dtype == torch.float32
         np.testing.assert_allclose(v.double().numpy(), m1[name] - b[name], atol=1e-7, rtol=0)
     info = vector_info(v1)
+    assert info["dem_kind"] == "distribution_vector" and info["dtype"] == "float32"
+    assert info["format"] == "dem distribution vector v = theta_source - theta_base"
+    assert info["base_sha256"] == {
+        "model.safetensors": hashlib.sha256(
+            (zoo["base"] / "model.safetensors").read_bytes()
+        ).hexdigest()
+    }
+    from safetensors import safe_open
+
+    with safe_open(v1 / "vector.safetensors", "pt") as f:
+        assert f.metadata()["dem_kind"] == "distribution_vector"
+    with pytest.raises(DemError, match="already exists"):  # never overwritten unless asked
+        extract_vector(zoo["base"], zoo["m1"], v1, progress=False)
+    with pytest.raises(DemError, match="is already a vector folder"):
+        extract_vector(zoo["base"], v1, tmp_path / "vv", progress=False)
+    name = "model.layers.0.mlp.up_proj.weight"
+    for folder in ("base", "m1"):  # a NaN is named in the folder that holds it
+        bad = _edited_copy(
+            zoo[folder], tmp_path / f"nan_{folder}", lambda sd: sd[name].fill_(float("nan"))
+        )
+        args = (bad, zoo["m1"]) if folder == "base" else (zoo["base"], bad)
+        with pytest.raises(DemError) as err:
+            extract_vector(*args, tmp_path / f"v_{folder}", progress=False)
+        assert str(err.value) == f"{bad / 'model.safetensors'}: tensor {name!r} contains NaN or Inf"
     assert info["base"] == str(zoo["base"].resolve()) and info["source"] == str(zoo["m1"].resolve())
     assert info["source_sha256"] == {
         "model.safetensors": hashlib.sha256(
