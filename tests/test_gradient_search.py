@@ -4,6 +4,8 @@ strategy descends it inside its box while choosing among its points by the searc
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
@@ -97,9 +99,15 @@ def test_per_layer_weights_merge_each_block_with_its_own_weight():
     per_block = {n: p.detach().clone() for n, p in merger.params.items()}
     merger.apply({"a": 0.4, "b": 0.7})
     assert all(torch.equal(p, per_block[n]) for n, p in merger.params.items())
+    # a block left out has weight 0 there: only layer 1 moves
+    merger.apply({"a@layer1": 0.5})
+    for name, p in merger.params.items():
+        v = merger.vectors["a"][name] if blocks[name] == "layer1" else 0
+        torch.testing.assert_close(p.detach(), merger.theta_base[name] + 0.5 * v, rtol=0, atol=0)
+    assert merger.weight_names() == merger.weight_names("source") == ["a", "b"]
     with pytest.raises(DemError, match="unknown source@block"):
         merger.apply({"a@layer9": 1.0})
-    with pytest.raises(DemError, match="unknown granularity"):
+    with pytest.raises(DemError, match="unknown granularity 'tensor'; choose one of source, layer"):
         merger.weight_names("tensor")
 
 
@@ -171,14 +179,16 @@ def test_a_scorer_answers_a_candidate_it_has_seen_from_memory(monkeypatch):
     sources = [get_source("arithmetic", n_validation=6)]
     calls = []
     real = dem.evaluation.evaluate.evaluate
-    monkeypatch.setattr(
-        dem.evaluation.evaluate, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k)
-    )
-    score = validation_scorer(merger, tokenizer, sources, metric="loss")
+    monkeypatch.setattr(dem.evaluation.evaluate, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    score = validation_scorer(merger, tokenizer, sources)  # metric: the loss by default
+    started = time.perf_counter()
     first = score({"a": 0.5, "b": 0.25})
+    elapsed = time.perf_counter() - started
     again = score({"b": 0.25, "a": 0.5})  # the same candidate
     other = score({"a": 0.5, "b": 0.0})
-    assert len(calls) == 2 and first["eval_s"] > 0
+    assert len(calls) == 2 and "loss/arithmetic" in first
+    assert 0 < first["merge_s"] and 0 < first["eval_s"]
+    assert first["merge_s"] + first["eval_s"] <= elapsed  # two parts of the call's time
     assert again["objective"] == first["objective"] and again["eval_s"] == again["merge_s"] == 0
     assert other["objective"] != first["objective"]
 
@@ -222,3 +232,21 @@ def test_adamerging_fits_on_its_own_examples_and_selects_on_the_selection_exampl
     ]
     assert trials["objective"].iloc[0] == pytest.approx(sum(selection) / 2, rel=1e-5)
     assert trials["objective"].iloc[0] == trials["objective"].min()
+
+
+def test_a_scorer_merges_with_the_method_and_options_it_is_given():
+    tokenizer = build_tiny_tokenizer()
+    merger = _merger(vocab=len(tokenizer), dtype=torch.float32)
+    sources = [get_source("arithmetic", n_validation=6)]
+    with pytest.raises(
+        DemError, match="unknown search metric 'bleu'; choose one of loss, accuracy"
+    ):
+        validation_scorer(merger, tokenizer, sources, metric="bleu")
+    dem = validation_scorer(merger, tokenizer, sources)
+    scaled = validation_scorer(merger, tokenizer, sources, method="task_arithmetic", lam=0.5)
+    w = {"a": 0.6, "b": 0.2}
+    # λ·Σ w_i·v_i is DEM at the weights times λ; a candidate's own λ overrides the scorer's
+    halved = dem({"a": 0.3, "b": 0.1})["objective"]
+    assert scaled(w)["objective"] == pytest.approx(halved, rel=1e-6)
+    assert scaled(w, lam=0.0)["objective"] == pytest.approx(dem({"a": 0, "b": 0})["objective"])
+    assert scaled(w, lam=1.0)["objective"] == pytest.approx(dem(w)["objective"], rel=1e-6)

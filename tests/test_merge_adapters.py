@@ -115,3 +115,20 @@ def test_adapter_of_another_model_is_refused(zoo, tmp_path):
     save_file(weights, bad / "adapter_model.safetensors")
     with pytest.raises(DemError, match="has lora_A but not both A and B|no floating-point matrix"):
         M.merge(zoo["base"], [(bad, 1.0)], tmp_path / "out", progress=False)
+
+
+def test_nan_in_an_adapter_is_traced_to_its_lora_matrix(zoo, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(zoo["a"], bad)
+    weights = load_file(bad / "adapter_model.safetensors")
+    key = next(k for k in weights if k.endswith("layers.1.mlp.up_proj.lora_B.weight"))
+    weights[key][3, 1] = float("nan")
+    save_file(weights, bad / "adapter_model.safetensors")
+    # the merge sees the NaN only in B·A's product: it names the adapter's B, not the base tensor
+    for models in ([(bad, 0.5)], [(zoo["m1"], 0.5), (bad, 0.5)]):
+        with pytest.raises(DemError) as err:
+            M.merge(zoo["base"], models, tmp_path / "out", progress=False)
+        file = bad / "adapter_model.safetensors"
+        assert str(err.value) == f"{file}: tensor {key!r} contains NaN or Inf"

@@ -152,6 +152,51 @@ def test_untied_base_with_tied_model_uses_its_embedding(zoo, tmp_path):
     _assert_close(load_weights(out), _reference("dem", b, [m], [0.5]))
 
 
+def _edited_copy(src: Path, dst: Path, edit, **config) -> Path:
+    """A copy of the single-file model ``src`` with ``edit`` applied to its state dict."""
+    dst.mkdir()
+    sd = load_file(src / "model.safetensors")
+    edit(sd)
+    save_file(sd, dst / "model.safetensors")
+    (dst / "config.json").write_text(
+        json.dumps({**json.loads((src / "config.json").read_text()), **config})
+    )
+    return dst
+
+
+def test_nan_and_overflow_are_traced_to_their_origin(zoo, tmp_path):
+    name = "model.layers.0.mlp.up_proj.weight"
+
+    def nan(sd):
+        sd[name][1, 2] = float("nan")
+
+    # DEM checks only the merged block, then searches the inputs: a NaN in the base is the
+    # base's, although every v_i = θ_i − θ0 carries it too
+    bad_base = _edited_copy(zoo["base"], tmp_path / "bad_base", nan)
+    with pytest.raises(DemError) as err:
+        M.merge(bad_base, [(zoo["m1"], 0.5)], tmp_path / "out", progress=False)
+    assert (
+        str(err.value) == f"{bad_base / 'model.safetensors'}: tensor {name!r} contains NaN or Inf"
+    )
+
+    # a tied fine-tune of an untied base: the base's lm_head is the model's embedding
+    def tied_nan(sd):
+        sd.pop("lm_head.weight")
+        sd["model.embed_tokens.weight"][0, 0] = float("nan")
+
+    tied = _edited_copy(zoo["m1"], tmp_path / "tied_ft", tied_nan, tie_word_embeddings=True)
+    with pytest.raises(DemError) as err:
+        M.merge(zoo["base"], [(zoo["m2"], 0.5), (tied, 0.5)], tmp_path / "out", progress=False)
+    embed = "model.embed_tokens.weight"
+    assert str(err.value) == f"{tied / 'model.safetensors'}: tensor {embed!r} contains NaN or Inf"
+
+    # finite inputs whose float32 sum is not: the weights are to blame
+    with pytest.raises(DemError) as err:
+        M.merge(zoo["base"], [(zoo["m1"], 1e39)], tmp_path / "out", progress=False)
+    assert "overflows: use smaller weights or a float64 compute dtype" in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
 def test_bf16_base_keeps_dtype_computes_in_fp32(zoo, tmp_path):
     models = [(zoo["bf1"], W[0]), (zoo["bf2"], W[1])]
     out = M.merge(zoo["bf"], models, tmp_path / "out", progress=False)
@@ -196,11 +241,42 @@ def test_vectors_round_trip_and_merge_from_vectors(zoo, tmp_path):
     v2 = extract_vector(zoo["base"], zoo["m2"], tmp_path / "v2", progress=False)
     b, m1 = load_weights(zoo["base"]), load_weights(zoo["m1"])
     vec = load_vector(v1)
+    with pytest.raises(DemError, match=f"{zoo['m1']} is not a vector folder"):
+        load_vector(zoo["m1"])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "dem_vector.json").write_text((v1 / "dem_vector.json").read_text())
+    with pytest.raises(DemError, match=f"^vector folder {empty} has no weights: expected vector"):
+        load_vector(empty)
     assert set(vec) == set(b)
     for name, v in vec.items():
         assert v.dtype == torch.float32
         np.testing.assert_allclose(v.double().numpy(), m1[name] - b[name], atol=1e-7, rtol=0)
     info = vector_info(v1)
+    assert info["dem_kind"] == "distribution_vector" and info["dtype"] == "float32"
+    assert info["format"] == "dem distribution vector v = theta_source - theta_base"
+    assert info["base_sha256"] == {
+        "model.safetensors": hashlib.sha256(
+            (zoo["base"] / "model.safetensors").read_bytes()
+        ).hexdigest()
+    }
+    from safetensors import safe_open
+
+    with safe_open(v1 / "vector.safetensors", "pt") as f:
+        assert f.metadata()["dem_kind"] == "distribution_vector"
+    with pytest.raises(DemError, match="already exists"):  # never overwritten unless asked
+        extract_vector(zoo["base"], zoo["m1"], v1, progress=False)
+    with pytest.raises(DemError, match="is already a vector folder"):
+        extract_vector(zoo["base"], v1, tmp_path / "vv", progress=False)
+    name = "model.layers.0.mlp.up_proj.weight"
+    for folder in ("base", "m1"):  # a NaN is named in the folder that holds it
+        bad = _edited_copy(
+            zoo[folder], tmp_path / f"nan_{folder}", lambda sd: sd[name].fill_(float("nan"))
+        )
+        args = (bad, zoo["m1"]) if folder == "base" else (zoo["base"], bad)
+        with pytest.raises(DemError) as err:
+            extract_vector(*args, tmp_path / f"v_{folder}", progress=False)
+        assert str(err.value) == f"{bad / 'model.safetensors'}: tensor {name!r} contains NaN or Inf"
     assert info["base"] == str(zoo["base"].resolve()) and info["source"] == str(zoo["m1"].resolve())
     assert info["source_sha256"] == {
         "model.safetensors": hashlib.sha256(

@@ -90,6 +90,9 @@ def test_grid_evaluates_the_cartesian_product_and_finds_the_minimum():
     assert best_weights(trials) == {"a": 0.5, "b": 0.25, "c": 1.0}
     assert trials["objective"].is_monotonic_increasing
     assert {"trial", "w_a", "w_b", "w_c", "objective", "extra"} <= set(trials.columns)
+    # the paper's grid is the default strategy
+    default = search_weights(score, ["a", "b", "c"], values=[0.0, 0.25, 0.5, 0.75, 1.0])
+    assert default.drop(columns="elapsed_s").equals(trials.drop(columns="elapsed_s"))
 
 
 def test_coordinate_ascent_reaches_the_grid_optimum_with_fewer_evaluations():
@@ -230,3 +233,24 @@ def test_the_individual_candidates_are_the_fine_tuned_models_exactly():
     assert scored[(1.0, 0.0)] == pytest.approx(individual["a"], abs=1e-5)
     assert scored[(0.0, 1.0)] == pytest.approx(individual["b"], abs=1e-5)
     assert trials.objective.iloc[0] <= min(individual.values()) + 1e-5
+
+
+def test_set_merge_runs_the_named_method_with_its_options():
+    base, a, b = (_tiny_llama(s) for s in (0, 1, 2))
+    merger = InMemoryMerge(base, {"a": _vector(base, a), "b": _vector(base, b)})
+
+    def merged(how, method, **options):
+        getattr(merger, how)(method, [0.5, 0.5], **options)
+        return [p.detach().clone() for p in base.parameters()]
+
+    def same(x, y):
+        return all(torch.equal(p, q) for p, q in zip(x, y, strict=True))
+
+    ties = merged("apply_method", "ties", density=0.5)
+    assert same(merged("set_merge", "ties", density=0.5), ties)
+    # without options: still TIES (at its default density), not DEM
+    ties_default = merged("apply_method", "ties")
+    assert same(merged("set_merge", "ties"), ties_default) and not same(ties_default, ties)
+    merger.apply([0.5, 0.5])
+    dem = [p.detach().clone() for p in base.parameters()]
+    assert same(merged("set_merge", "dem"), dem) and not same(dem, ties_default)
