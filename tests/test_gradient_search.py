@@ -179,7 +179,9 @@ def test_a_scorer_answers_a_candidate_it_has_seen_from_memory(monkeypatch):
     sources = [get_source("arithmetic", n_validation=6)]
     calls = []
     real = dem.evaluation.evaluate.evaluate
-    monkeypatch.setattr(dem.evaluation.evaluate, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(
+        dem.evaluation.evaluate, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
     score = validation_scorer(merger, tokenizer, sources)  # metric: the loss by default
     started = time.perf_counter()
     first = score({"a": 0.5, "b": 0.25})
