@@ -79,18 +79,16 @@ def finetune(
 
     ``settings`` (default :class:`FinetuneSettings`) are updated by ``overrides``, its field
     names (``steps=200, lr=2e-5``). Validation loss every ``eval_every`` steps; a checkpoint
-    every ``save_every`` steps, from which an interrupted run resumes to the same weights. ``source_kwargs`` go to
-    every :func:`dem.sources.get_source`; ``custom_sources`` maps a mixture name to a
-    ``get_source`` dict spec (your own data). ``overwrite`` discards whatever is in
+    every ``save_every`` steps, to resume from. ``source_kwargs`` go to every
+    :func:`dem.sources.get_source`; ``custom_sources`` maps a mixture name to a ``get_source``
+    dict spec (your own data). ``overwrite`` discards whatever is in
     ``out_dir``; ``replace`` redoes a dem run there only if its parameters differ; ``allow_mix``
     resumes a checkpoint written with another torch, device, dtype or thread count.
     ``callback(step, log_row)`` is called after every optimizer step.
 
-    ``lora_r > 0`` trains LoRA adapters instead of every weight (see :mod:`dem.training.lora`);
-    the output is still an ordinary full model folder, with the peft adapter itself in its
-    ``adapter/`` subfolder.
-
-    Returns the cost record, also written to ``out_dir/cost.json``.
+    ``lora_r > 0`` trains LoRA adapters (:mod:`dem.training.lora`); the output is still an
+    ordinary full model folder, the peft adapter in its ``adapter/`` subfolder. Returns the
+    cost record, also written to ``out_dir/cost.json``.
     """
     s = (settings or FinetuneSettings()).updated(**overrides)
     if s.lora():
