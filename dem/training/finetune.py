@@ -81,9 +81,9 @@ def finetune(
     names (``steps=200, lr=2e-5``). Validation loss every ``eval_every`` steps; a checkpoint
     every ``save_every`` steps, to resume from. ``source_kwargs`` go to every
     :func:`dem.sources.get_source`; ``custom_sources`` maps a mixture name to a ``get_source``
-    dict spec (your own data). ``overwrite`` discards whatever is in
-    ``out_dir``; ``replace`` redoes a dem run there only if its parameters differ; ``allow_mix``
-    resumes a checkpoint written with another torch, device, dtype or thread count.
+    dict spec (your own data). ``overwrite`` discards whatever is in ``out_dir``; ``replace``
+    redoes a dem run there only if its parameters differ; ``allow_mix`` resumes a checkpoint
+    written with another torch, device, dtype or thread count.
     ``callback(step, log_row)`` is called after every optimizer step.
 
     ``lora_r > 0`` trains LoRA adapters (:mod:`dem.training.lora`); the output is still an
@@ -112,9 +112,9 @@ def finetune(
             model, tokenizer = dem_models.load_model(folder)
         model = _prepare_model(model, base, folder, s, accelerator)
         encoded, val_batches, schedule = _data(tokenizer, sources, ratios, s, accelerator)
-    data = dict(schedule=schedule, encoded=encoded, val_batches=val_batches)
     result = train_loop(model, tokenizer, work, settings=s, accelerator=accelerator,
-                        progress=progress, callback=callback, **data)  # fmt: skip
+                        progress=progress, callback=callback, schedule=schedule,
+                        encoded=encoded, val_batches=val_batches)  # fmt: skip
     result["mixture"] = ratios
     if s.lora():
         _keep_adapter_and_merge(result, work)
