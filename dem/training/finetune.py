@@ -83,12 +83,10 @@ def finetune(
     :func:`dem.sources.get_source`; ``custom_sources`` maps a mixture name to a ``get_source``
     dict spec (your own data). ``overwrite`` discards whatever is in ``out_dir``; ``replace``
     redoes a dem run there only if its parameters differ; ``allow_mix`` resumes a checkpoint
-    written with another torch, device, dtype or thread count.
-    ``callback(step, log_row)`` is called after every optimizer step.
-
-    ``lora_r > 0`` trains LoRA adapters (:mod:`dem.training.lora`); the output is still an
-    ordinary full model folder, the peft adapter in its ``adapter/`` subfolder. Returns the
-    cost record, also written to ``out_dir/cost.json``.
+    written with another torch, device, dtype or thread count. ``callback(step, log_row)`` is
+    called after every optimizer step. ``lora_r > 0`` trains LoRA adapters
+    (:mod:`dem.training.lora`); the output is still an ordinary full model folder, the peft
+    adapter in its ``adapter/`` subfolder. Returns the cost record (``out_dir/cost.json``).
     """
     s = (settings or FinetuneSettings()).updated(**overrides)
     if s.lora():
@@ -97,8 +95,7 @@ def finetune(
     source_kwargs = dict(source_kwargs or {})
     custom_sources = {k: dict(v) for k, v in (custom_sources or {}).items()}
     sources = _checked_sources(ratios, source_kwargs, custom_sources)
-    out = Path(out_dir)
-    accelerator = accelerator_for(s.device)
+    accelerator, out = accelerator_for(s.device), Path(out_dir)
     with accelerator.main_process_first():  # a GGUF base is converted once, by one process
         folder = resolve_base(base)
     params = _parameters(base, folder, mixture, source_kwargs, custom_sources, s, accelerator)
