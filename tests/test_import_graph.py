@@ -85,6 +85,17 @@ def test_no_module_is_long():
     assert not long, f"modules over ~400 lines: {long}"
 
 
+def test_no_function_is_longer_than_a_screen():
+    long = {
+        f"{p.relative_to(PACKAGE)}:{node.name}": node.end_lineno - node.lineno + 1
+        for p in PACKAGE.rglob("*.py")
+        for node in ast.walk(ast.parse(p.read_text()))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.end_lineno - node.lineno + 1 > 60
+    }
+    assert not long, f"functions over 60 lines (docstring included): {long}"
+
+
 # The stages, in order; the foundation (dem/*.py) comes before them all, and the command line
 # (dem/cli, dem/__main__) after them.
 STAGES = ("sources", "evaluation", "training", "merging", "search", "chapters", "run", "cli")
