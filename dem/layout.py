@@ -57,7 +57,7 @@ TABLES = {
     "06_results": ".csv",  # 06: metrics.json as a table
     "06_claims": ".csv",  # 06: the paper's claims, checked on this run
     "06_swap_cost": ".csv",  # 06: what replacing one source costs each recipe
-    "heldout": ".csv",  # dem evaluate --run: each saved model on tasks no source trained on
+    "06_heldout": ".csv",  # 06 -> dem evaluate --run: each saved model on tasks no source trained on
 }
 FIGURES = (
     "01_lengths",

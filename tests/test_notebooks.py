@@ -186,12 +186,12 @@ def test_held_out_scores_every_saved_model_and_refuses_a_trained_task(smoke_run,
 
     assert main(["evaluate", "--run", str(smoke_run), "--harness", "dem_arithmetic"]) == 2
     assert "task dem_arithmetic is one of the run's sources" in capsys.readouterr().err
-    assert not (smoke_run / "tables" / "heldout.csv").exists()
+    assert not (smoke_run / "tables" / "06_heldout.csv").exists()
     argv = ["evaluate", "--run", str(smoke_run), "--harness", "dem_boolq", "--limit", "4",
             "--device", "cpu"]  # fmt: skip
     assert main(argv) == 0
     assert "lm-eval 0.4." in capsys.readouterr().out
-    table = pd.read_csv(smoke_run / "tables" / "heldout.csv")
+    table = pd.read_csv(smoke_run / "tables" / "06_heldout.csv")
     metrics = json.loads((smoke_run / "metrics.json").read_text())
     expected = {"base", "dem", "dmix_uniform", "dmix_best"} | {
         f"individual/{s}" for s in metrics["sources"]

@@ -48,7 +48,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     which.add_argument("--run", metavar="RUN",
                        help="with --harness: every model a finished dem run saved (base, fine-tunes, "
                        "DEM, DMix), on tasks none of its sources trained on (the paper's held-out "
-                       "measurement); writes RUN/tables/heldout.csv and heldout.json")  # fmt: skip
+                       "measurement); writes RUN/tables/06_heldout.csv and .json")  # fmt: skip
     what = e.add_mutually_exclusive_group(required=True)
     what.add_argument(
         "--source",

@@ -242,7 +242,7 @@ def _file_sha256(path: Path) -> str:
 # ----------------------------------------------------------------------------------------------
 # The paper's held-out measurement over a finished run
 # ----------------------------------------------------------------------------------------------
-HELDOUT_TABLE = "heldout"  # <run>/tables/heldout.csv and heldout.json
+HELDOUT_TABLE = "06_heldout"  # <run>/tables/06_heldout.csv and .json: chapter 06 results, held out
 
 
 def heldout_scores(
@@ -260,8 +260,8 @@ def heldout_scores(
     keeps or improves what the base could do beyond its sources. A task made from one of the
     run's sources is refused, as it is not held out.
 
-    Writes ``tables/heldout.csv`` (method, task, metric, value, stderr, n) and
-    ``tables/heldout.json`` (the lm-eval version, each task's config hash and data sha256, the
+    Writes ``tables/06_heldout.csv`` (method, task, metric, value, stderr, n) and
+    ``tables/06_heldout.json`` (the lm-eval version, each task's config hash and data sha256, the
     settings); returns that record. A model two methods report is scored once.
     """
     from dem.evaluation.results import ChapterResults, method_folders, write_table
