@@ -217,7 +217,12 @@ def gap_vs_params(gap_table: pd.DataFrame, fit_table: pd.DataFrame) -> plt.Figur
                 _fit_line(ax, row, color, label_at=6 + 12 * list(colors).index(gap))
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set(xscale="log", xlabel="base parameters (log)", title=f"budget {budget:g}×S, {kind}")
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        # ticks at the measured sizes: a panel spanning less than a decade has no power of ten
+        sizes = sorted(
+            gap_table[(gap_table.budget == budget) & (gap_table.kind == kind)].params.unique()
+        )
+        ax.set_xticks(sizes, labels=[f"{p / 1e6:.3g}M" for p in sizes])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     axes[0, 0].set_ylabel("DMix uniform − DEM (test accuracy, fraction)")
     axes[0, -1].legend(loc="best", fontsize=8)
     return fig
