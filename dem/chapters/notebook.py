@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from dem import DemError, models, resources
+from dem import DemError, models, precision, resources
 from dem.chapters import plots
 from dem.chapters.display import chapter_display
 from dem.config import ALL, RunConfig, make_config
@@ -42,6 +42,7 @@ SETUP_PARAMETERS = (
     "base_model",
     "max_new_tokens",
     "device",
+    "dtype",
 )
 
 
@@ -177,13 +178,15 @@ def setup(params: Mapping[str, Any], chapter: str = "") -> Run:
         built.append(get_source(p["composite"], **source_kwargs))
     built = [cap_new_tokens(s, p["max_new_tokens"]) for s in built]
     device = models.pick_device(p["device"])
-    # see dem.models.default_cpu_threads; the shipped bases (dem:NAME) are tiny and follow the
-    # rule for a base built here.
-    large = bool(p["base_model"]) and not str(p["base_model"]).startswith("dem:")
+    # a real LM gets every core and, where measured faster, bf16 (dem.precision, dem.models)
+    large = precision.base_is_large(p["base_model"])
     threads = models.set_cpu_threads(large_model=large)
+    dtype = precision.pick_dtype(device, p["dtype"], large=large)
+    precision.set_compute_dtype(dtype)
     plots.use_theme()
     chapter_display()
-    print(f"device: {device}, CPU threads: {threads}, run folder: {layout.root}")
+    print(f"device: {device}, dtype: {precision.dtype_name(dtype)}, CPU threads: {threads}, "
+          f"run folder: {layout.root}")  # fmt: skip
     return Run(
         layout=layout,
         seed=seed,

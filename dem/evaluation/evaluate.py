@@ -13,7 +13,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from dem import DemError
+from dem import DemError, precision
 from dem.sources import Example, get_source
 from dem.sources.data import IGNORE_INDEX, encode_examples, encode_prompts, pad_batch
 
@@ -115,15 +115,19 @@ def response_loss(
 
 
 class _eval_mode:
-    """Context manager: eval mode inside, the previous train/eval mode restored after."""
+    """Context manager: eval mode and this process's scoring precision (bf16 autocast where
+    :mod:`dem.precision` chose it) inside, the previous train/eval mode restored after."""
 
     def __init__(self, model: Any) -> None:
         self.model, self.was_training = model, model.training
+        self.autocast = precision.autocast(_device(model))
 
     def __enter__(self) -> None:
         self.model.eval()
+        self.autocast.__enter__()
 
     def __exit__(self, *exc: object) -> None:
+        self.autocast.__exit__(*exc)
         self.model.train(self.was_training)
 
 

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 from dem import DemError, resources
-from dem.config import chapter_of
 from dem.config_files import load_config
 from dem.io import write_json
 from dem.layout import RunLayout
@@ -25,6 +24,11 @@ from dem.run.execute import run_notebook
 
 NOTEBOOKS = resources.NOTEBOOKS
 PARAMS = resources.PARAMS
+
+
+def chapter_of(notebook: Path) -> str:
+    """A chapter's number from its notebook's name (``04_weighted_merging.ipynb`` -> ``"04"``)."""
+    return notebook.name[:2]
 
 
 def resolve_params(name: str | Path | None) -> Path:
@@ -174,11 +178,11 @@ def _previous_run(layout: RunLayout, config, *, force: bool, allow_mix: bool) ->
 
 def chapters_machine(config) -> dict:
     """The torch, device, dtype and threads the chapters will run with (dem.chapters.notebook.setup)."""
-    from dem import models
+    from dem import models, precision
 
     device = models.pick_device(config.device)
-    large = bool(config.base_model) and not str(config.base_model).startswith("dem:")
-    dtype = str(models.pick_dtype(device)).removeprefix("torch.")
+    large = precision.base_is_large(config.base_model)
+    dtype = precision.dtype_name(precision.pick_dtype(device, config.dtype, large=large))
     return machine(device.type, dtype, models.default_cpu_threads(large_model=large))
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from dem import DemError
+from dem import DemError, precision
 from dem import models as dem_models
 from dem.bases import resolve_base
 from dem.sources import get_source
@@ -83,14 +83,11 @@ def finetune(
     :func:`dem.sources.get_source`; ``custom_sources`` maps a mixture name to a ``get_source``
     dict spec (your own data). ``overwrite`` discards whatever is in ``out_dir``; ``replace``
     redoes a dem run there only if its parameters differ; ``allow_mix`` resumes a checkpoint
-    written with another torch, device, dtype or thread count. ``callback(step, log_row)`` is
-    called after every optimizer step. ``lora_r > 0`` trains LoRA adapters
-    (:mod:`dem.training.lora`); the output is still an ordinary full model folder, the peft
-    adapter in its ``adapter/`` subfolder. Returns the cost record (``out_dir/cost.json``).
+    written with another torch, device, dtype or thread count. ``callback(step, log_row)``:
+    after every optimizer step. ``lora_r > 0``: LoRA adapters (:mod:`dem.training.lora`) in an
+    ordinary full model folder, the adapter in ``adapter/``. Returns ``out_dir/cost.json``.
     """
     s = (settings or FinetuneSettings()).updated(**overrides)
-    if s.lora():
-        require_peft()
     ratios = normalize_mixture(mixture)
     source_kwargs = dict(source_kwargs or {})
     custom_sources = {k: dict(v) for k, v in (custom_sources or {}).items()}
@@ -98,11 +95,15 @@ def finetune(
     accelerator, out = accelerator_for(s.device), Path(out_dir)
     with accelerator.main_process_first():  # a GGUF base is converted once, by one process
         folder = resolve_base(base)
+    if (s := _for_base(s, folder, accelerator.device)).lora():
+        require_peft()
     params = _parameters(base, folder, mixture, source_kwargs, custom_sources, s, accelerator)
-    work, cached = prepare_synced(accelerator, out, params, overwrite, replace, allow_mix)
+    work, cached = prepare_synced(
+        accelerator, out, params, overwrite, replace, allow_mix, dtype=s.dtype
+    )
     if cached is not None:
         return cached
-    record = training_record("finetune", params, accelerator)
+    record = training_record("finetune", params, accelerator, s.dtype)
     start_run(accelerator, work, record)
     with discard_if_untrained(accelerator, work):
         with transformers_bars(progress):
@@ -119,6 +120,13 @@ def finetune(
         result = complete(result, tokenizer, work, out, record)
     accelerator.wait_for_everyone()
     return result
+
+
+def _for_base(s: FinetuneSettings, folder: Path, device: torch.device) -> FinetuneSettings:
+    """The settings left to the base (lora_r, lr, dtype auto) chosen by its size."""
+    large = precision.is_large(dem_models.count_folder_parameters(folder))
+    dtype = precision.dtype_name(precision.pick_dtype(device, s.dtype, large=large))
+    return s.for_base(large).updated(dtype=dtype)
 
 
 def _parameters(base, folder, mixture, source_kwargs, custom_sources, s, accelerator) -> dict:

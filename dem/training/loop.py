@@ -4,8 +4,8 @@ It is an `accelerate` loop rather than transformers' ``Trainer``: the exact-resu
 :mod:`dem.training.schedule`) needs control of the data order and of what a checkpoint holds
 (``Trainer`` pickles its RNG state and reshuffles through its own sampler), and the loop is as
 fast as ``Trainer`` on the same batches (``benchmarks/bench_train.py``: 1.05x on the tiny model,
-one CPU thread). ``Accelerator`` adds nothing on one CPU and still gives device placement, bf16
-autocast and data parallelism under ``accelerate launch`` / ``torchrun``.
+one CPU thread). ``Accelerator`` adds nothing on one CPU and still gives device placement and
+data parallelism under ``accelerate launch`` / ``torchrun``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import torch
 
-from dem import DemError
+from dem import DemError, precision
 from dem import models as dem_models
 from dem import progress as dem_progress
 from dem.evaluation.evaluate import response_nll
@@ -46,19 +46,21 @@ class LoopSettings(Protocol):
     eval_every: int
     save_every: int | None
     seed: int
+    dtype: str  # float32 or bfloat16 (auto: dem.precision's rule for a tiny base)
 
 
 def accelerator_for(device: str) -> Any:
-    """The Accelerator of this process: device, bf16 autocast on capable GPUs, processes.
+    """The Accelerator of this process: its device and processes.
 
     Under ``accelerate launch`` / ``torchrun`` every process gets one GPU and the loop's
-    micro-batches are split between them (data parallel); alone, it is a plain device.
+    micro-batches are split between them (data parallel); alone, it is a plain device. bf16 is
+    the loop's own autocast (:mod:`dem.precision`), not accelerate's ``mixed_precision``: that
+    is fixed once per process, and a chapter trains tiny and real bases in one process.
     """
     from accelerate import Accelerator
 
     dev = dem_models.pick_device(device)
-    bf16 = dem_models.pick_dtype(dev) == torch.bfloat16
-    return Accelerator(cpu=dev.type == "cpu", mixed_precision="bf16" if bf16 else "no")
+    return Accelerator(cpu=dev.type == "cpu", mixed_precision="no")
 
 
 @contextmanager
@@ -81,13 +83,13 @@ def transformers_bars(enabled: bool) -> Iterator[None]:
 
 
 def validation_loss(
-    model: Any, batches: Mapping[str, list[dict]], device: torch.device, autocast: Any
+    model: Any, batches: Mapping[str, list[dict]], device: torch.device, dtype: torch.dtype
 ) -> dict[str, float]:
     """Token-weighted mean response loss over all validation batches, and per source."""
     model.eval()
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
-    with torch.no_grad(), autocast():
+    with torch.no_grad(), precision.autocast(device, dtype):
         for name, source_batches in batches.items():
             for batch in source_batches:
                 batch = {k: v.to(device) for k, v in batch.items()}
@@ -116,6 +118,7 @@ def train_loop(
     """Run (or resume) the optimisation in ``work``; return the cost record."""
     s = settings
     steps, world = s.steps, accelerator.num_processes
+    dtype = precision.pick_dtype(accelerator.device, s.dtype)
     save_every = s.save_every or s.eval_every
     if len(schedule) != steps * s.grad_accum * world:
         raise AssertionError("schedule length does not match steps x grad_accum x processes")
@@ -136,7 +139,7 @@ def train_loop(
                            desc=f"training {work.name.removesuffix('.partial')}")  # fmt: skip
     clock = _Clock(float(state["wall_s"]))
     for step in range(state["step"] + 1, steps + 1):
-        row = _optimizer_step(step, model, optimizer, scheduler, step_of, s, clock)
+        row = _optimizer_step(step, model, optimizer, scheduler, step_of, dtype, clock, s)
         if not math.isfinite(row["loss"]):
             raise DemError(
                 f"training loss became {row['loss']} at step {step} (lr={s.lr}); the last good "
@@ -145,9 +148,7 @@ def train_loop(
             )
         if step % s.eval_every == 0 or step == steps:
             unwrapped = accelerator.unwrap_model(model)
-            row.update(
-                validation_loss(unwrapped, val_batches, accelerator.device, accelerator.autocast)
-            )
+            row.update(validation_loss(unwrapped, val_batches, accelerator.device, dtype))
         log.append(row)
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
@@ -211,7 +212,7 @@ class _Steps:
         ]
 
 
-def _optimizer_step(step, model, optimizer, scheduler, step_of: _Steps, s, clock: _Clock) -> dict:
+def _optimizer_step(step, model, optimizer, scheduler, step_of: _Steps, dtype, clock, s) -> dict:
     """One optimizer step over its micro-batches; the step's row of the training log."""
     accelerator = step_of.accelerator
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -226,7 +227,7 @@ def _optimizer_step(step, model, optimizer, scheduler, step_of: _Steps, s, clock
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         # Gradient sync only on the last micro-batch of the step (DDP all-reduce once).
         sync = nullcontext() if j == len(mine) - 1 else accelerator.no_sync(model)
-        with sync, accelerator.autocast():
+        with sync, precision.autocast(accelerator.device, dtype):
             # The loss is a sum over the step's response tokens divided by their global
             # count, so micro-batches of different lengths are weighted by tokens, as one
             # big batch would be; x world undoes DDP's gradient averaging.

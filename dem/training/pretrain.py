@@ -66,10 +66,12 @@ def pretrain(
     corpus = {"generic": pretraining, "knowledge": knowledge}[s.corpus]
     params = s.parameters(corpus.CORPUS_VERSION)
     accelerator = accelerator_for(s.device)
-    work, cached = prepare_synced(accelerator, out, params, overwrite, replace, allow_mix)
+    work, cached = prepare_synced(
+        accelerator, out, params, overwrite, replace, allow_mix, dtype=s.dtype
+    )
     if cached is not None:
         return out
-    record = training_record("pretrain", params, accelerator)
+    record = training_record("pretrain", params, accelerator, s.dtype)
     start_run(accelerator, work, record)
 
     tokenizer = build_tiny_tokenizer()

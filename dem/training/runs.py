@@ -67,21 +67,22 @@ def read_record(folder: Path) -> dict | None:
         return None
 
 
-def run_machine(accelerator: Any) -> dict:
-    """This process's machine as a run records it (threads: set by the caller beforehand)."""
+def run_machine(accelerator: Any, dtype: str) -> dict:
+    """This process's machine as a run records it (threads: set by the caller beforehand);
+    ``dtype``: the settings' (auto resolved as the training loop resolves it)."""
     import torch
 
-    from dem.models import pick_dtype
+    from dem.precision import dtype_name, pick_dtype
 
-    dtype = str(pick_dtype(accelerator.device)).removeprefix("torch.")
+    dtype = dtype_name(pick_dtype(accelerator.device, dtype))
     return machine(accelerator.device.type, dtype, torch.get_num_threads())
 
 
-def training_record(kind: str, params: dict, accelerator: Any) -> dict:
+def training_record(kind: str, params: dict, accelerator: Any, dtype: str) -> dict:
     """What ``dem_train.json`` holds: the run's parameters, machine and provenance."""
     import torch
 
-    record = {"kind": kind, "parameters": params, "machine": run_machine(accelerator)}
+    record = {"kind": kind, "parameters": params, "machine": run_machine(accelerator, dtype)}
     record.update(provenance())
     # Kept from before the shared provenance record, for readers of older runs.
     record["git_commit"] = record["git"]["commit"]
@@ -152,9 +153,11 @@ def prepare_synced(
     overwrite: bool,
     replace: bool = False,
     allow_mix: bool = False,
+    *,
+    dtype: str,
 ) -> tuple[Path, dict | None]:
     """:func:`prepare_run` on the main process first (it may delete), then on the others."""
-    here = run_machine(accelerator)
+    here = run_machine(accelerator, dtype)
     if accelerator.is_main_process:
         prepared = prepare_run(out, params, overwrite, replace, here, allow_mix)
     accelerator.wait_for_everyone()

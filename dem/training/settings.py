@@ -18,7 +18,13 @@ from dem import DemError
 from dem.config import CORPORA, default_of
 
 # The embedded default's training settings (dem/config.py explains each value): `dem finetune`
-# with no options trains as the tutorial's chapter 02 does.
+# with no options trains a shipped tiny base as the tutorial's chapter 02 does. A real LM (20M+
+# parameters, dem.precision.is_large) gets what measured best for SmolLM2-135M on this project's
+# sources (benchmarks/probe_defaults.py; docs/results.md, "Defaults for a real model"): LoRA
+# r 8 at lr 1e-3 lifts its source without moving the others (smollm2-cpu's setting), while full
+# fine-tuning at the tiny bases' 2e-4 ... , and full fine-tuning in the usual range, 2e-5 ...
+REAL_LM_LORA_R = 8
+REAL_LM_LR = {"lora": 1e-3, "full": 2e-5}
 
 # ----------------------------------------------------------------------------------------------
 # Checks, named by what they accept
@@ -58,6 +64,18 @@ def _unset_or_positive_number(name: str, value: Any) -> None:
 def _lora_r(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise DemError(f"{name} must be an integer >= 0 (0 = full fine-tuning), got {value!r}")
+
+
+def _unset_or_lora_r(name: str, value: Any) -> None:
+    if value is not None:
+        _lora_r(name, value)
+
+
+def _dtype(name: str, value: Any) -> None:
+    from dem.precision import DTYPES  # read lazily: it imports torch
+
+    if value not in DTYPES:
+        raise DemError(f"{name} must be one of {', '.join(DTYPES)}, got {value!r}")
 
 
 def _probability(name: str, value: Any) -> None:
@@ -186,10 +204,11 @@ class FinetuneSettings(Settings):
         "linear warmup steps (capped at half the run, so short runs still decay)",
         check=count,
     )
-    lr: float = setting(
-        default_of("learning_rate"),
-        "peak AdamW learning rate (cosine decay)",
-        check=positive_number,
+    lr: float | None = setting(
+        None,
+        "peak AdamW learning rate (cosine decay); unset: 2e-4 (the tutorial's) for full "
+        "fine-tuning of a tiny base, 1e-3 for LoRA and 2e-5 for full fine-tuning of a real LM",
+        check=_unset_or_positive_number,
     )
     weight_decay: float = setting(
         0.0,
@@ -209,11 +228,12 @@ class FinetuneSettings(Settings):
     )
     # LoRA settings are recorded through lora() (and only for LoRA runs), so full fine-tuning
     # runs made before LoRA existed keep their parameters and stay cached.
-    lora_r: int = setting(
-        0,
+    lora_r: int | None = setting(
+        None,
         "train rank-r LoRA adapters (peft) instead of every weight, merged into the weights at "
-        "the end, so the output is an ordinary model folder (0: full fine-tuning)",
-        check=_lora_r,
+        "the end, so the output is an ordinary model folder (0: full fine-tuning); unset: 8 for "
+        "a real LM (20M+ parameters: small deltas, 1.6x the tokens/s), 0 for a tiny base",
+        check=_unset_or_lora_r,
         recorded=False,
     )
     lora_alpha: float | None = setting(
@@ -233,6 +253,25 @@ class FinetuneSettings(Settings):
         recorded=False,
     )
 
+    dtype: str = setting(
+        "auto",
+        "float32, bfloat16 (autocast; weights stay float32) or auto: bf16 on GPUs that have it "
+        "and for a real LM on CPUs with avx512_bf16 (measured faster at equal accuracy there)",
+        check=_dtype,
+        recorded=False,  # the machine record holds it, and a resume refuses another
+    )
+
+    def for_base(self, large: bool) -> FinetuneSettings:
+        """The unset ``lora_r`` and ``lr`` chosen for a real LM (``large``) or a tiny base."""
+        lora_r = self.lora_r if self.lora_r is not None else (REAL_LM_LORA_R if large else 0)
+        if self.lr is not None:
+            lr = self.lr
+        elif large:
+            lr = REAL_LM_LR["lora" if lora_r else "full"]
+        else:
+            lr = default_of("learning_rate")
+        return replace(self, lora_r=lora_r, lr=lr)
+
     def _check_together(self) -> None:
         if self.lora_r == 0 and (
             self.lora_alpha is not None
@@ -246,8 +285,8 @@ class FinetuneSettings(Settings):
             )
 
     def lora(self) -> dict | None:
-        """The LoRA record (alpha resolved), or None for full fine-tuning."""
-        if self.lora_r == 0:
+        """The LoRA record (alpha resolved), or None for full fine-tuning (or lora_r unset)."""
+        if not self.lora_r:
             return None
         return {
             "r": self.lora_r,
@@ -316,6 +355,7 @@ class PretrainSettings(Settings):
     weight_decay: ClassVar[float] = 0.1
     max_grad_norm: ClassVar[float] = 1.0
     save_every: ClassVar[None] = None
+    dtype: ClassVar[str] = "auto"  # a tiny base: float32 on CPUs, bf16 on GPUs (dem.precision)
     # Notebooks share batch_size, learning_rate, ... with fine-tuning, so only these are read.
     NOTEBOOK_NAMES: ClassVar[Mapping[str, str]] = {
         "pretrain_steps": "steps",

