@@ -4,9 +4,8 @@ Fine-tunes a base on one source (``--train``) once per candidate setting, then s
 and every fine-tune on the test examples of all ``--sources`` (accuracy, in float32, so only
 the training differs), with each run's wall time and compute dtype. A candidate is
 ``NAME:key=value,...`` in ``dem finetune``'s setting names; ``NAME:`` alone is the defaults as
-``dem finetune`` picks them for this base. How the defaults for a real LM were chosen
-(docs/results.md, "Defaults for a real model"; SmolLM2-135M, 1 thread each, about 10-25
-minutes per candidate on this project's 2-core CPU):
+``dem finetune`` picks them for this base. The comparison that checks the defaults for a real
+LM (SmolLM2-135M, 1 thread each; not yet run):
 
     python benchmarks/probe_defaults.py --train arithmetic --sources arithmetic word_edit compare \\
         --candidate default: --candidate default-fp32:dtype=float32 \\

@@ -1,8 +1,7 @@
 """Compute precision: float32, or bf16 autocast where it is faster at equal accuracy.
 
 Weights and optimizer state stay float32 in every case; ``bfloat16`` runs the matmuls under
-``torch.autocast`` (training through accelerate's ``mixed_precision="bf16"``, scoring through
-:func:`autocast`). ``auto`` follows what ``benchmarks/bench_bf16.py`` measured on this project's
+``torch.autocast`` (training and scoring alike, through :func:`autocast`). ``auto`` follows what ``benchmarks/bench_bf16.py`` measured on this project's
 CPUs (avx512_bf16 and AMX, torch 2.13, one thread): for SmolLM2-135M a LoRA training step runs
 1.26-1.40x and a scoring pass 1.96-2.21x faster in bf16, with fine-tuned accuracy inside the
 seed-to-seed spread; for the shipped tiny bases (<= 2.6M parameters) the tutorial's training
