@@ -150,6 +150,11 @@ CASES = [
     ),
     ("ev-unknown-source", ["evaluate", "--model", "{base}", "--source", "nosuch"], "nosuch"),
     (
+        "ev-dtype",
+        ["evaluate", "--model", "{base}", "--source", "arithmetic", "--dtype", "float16"],
+        "--dtype 'float16'",
+    ),
+    (
         "ev-malformed-line",
         ["evaluate", "--model", "{base}", "--source", "{spec_broken}"],
         "broken.jsonl: line 2",

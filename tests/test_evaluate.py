@@ -156,3 +156,26 @@ def test_cli_evaluate_prints_json(tmp_path, tok, model, capsys):
     }
     assert main(["evaluate", "--model", str(tmp_path / "m"), "--source", "nope"]) == 2
     assert "unknown source 'nope'" in capsys.readouterr().err
+
+
+def test_cli_evaluate_dtype_chooses_the_scoring_precision(tmp_path, tok, model, capsys):
+    from dem import precision
+    from dem.cli import main
+
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    argv = ["evaluate", "--model", str(tmp_path / "m"), "--source", "arithmetic",
+            "--metrics", "loss", "--max-examples", "8", "--device", "cpu"]  # fmt: skip
+    losses = {}
+    try:
+        for dtype in ("bfloat16", "auto"):
+            assert main([*argv, "--dtype", dtype]) == 0
+            out = capsys.readouterr()
+            losses[dtype] = json.loads(out.out)[0]["value"]
+            # auto on a tiny base on the CPU: float32 (dem/precision.py)
+            assert f"scoring in {'bfloat16' if dtype == 'bfloat16' else 'float32'}" in out.err
+    finally:
+        precision.set_compute_dtype(torch.float32)
+    # bf16 rounds the matmuls (8 bits of mantissa): close to float32's loss, not equal to it
+    assert losses["bfloat16"] != losses["auto"]
+    assert losses["bfloat16"] == pytest.approx(losses["auto"], rel=0.05)

@@ -75,6 +75,13 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--seed", type=int, default=0, help="seed of the generated sources")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (default auto)")
+    e.add_argument(
+        "--dtype",
+        default="auto",
+        help="--source scoring precision: bfloat16 (autocast), float32, or auto (bf16 on GPUs that "
+        "have it and, for real LMs, on CPUs with native bf16; dem/precision.py). The harness "
+        "scores in float32",
+    )
     e.set_defaults(func=_evaluate)
 
 
@@ -165,6 +172,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.run:
         raise DemError("--run scores a run's models on harness tasks: give --harness TASKS too")
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
+    from dem import precision
     from dem.evaluation.evaluate import check_request, evaluate
     from dem.models import load_model, pick_device, set_cpu_threads
     from dem.sources import get_source
@@ -172,12 +180,18 @@ def _evaluate(args: argparse.Namespace) -> int:
     # Every check before the slow model load: the request, the source names, and each
     # source's rows (a malformed line in a user's file fails here, naming file and line).
     check_request(metrics, args.max_examples, args.batch_size)
+    if args.dtype not in precision.DTYPES:
+        raise DemError(f"--dtype {args.dtype!r}: expected one of {', '.join(precision.DTYPES)}")
     sources = [get_source(_source_spec(s), seed=args.seed) for s in args.source]
     for source in sources:
         source.examples(args.split)
     device = pick_device(args.device)
     set_cpu_threads()
     model, tokenizer = load_model(args.model, device=device)
+    large = precision.is_large(sum(p.numel() for p in model.parameters()))
+    dtype = precision.pick_dtype(device, args.dtype, large=large)
+    precision.set_compute_dtype(dtype)
+    print(f"scoring in {precision.dtype_name(dtype)} on {device}", file=sys.stderr)
     table = evaluate(
         model,
         tokenizer,
