@@ -58,9 +58,18 @@ def main() -> None:
     set_cpu_threads(args.threads)
     out = Path(args.out)
     base = prepare_base(args.base, out / "base", replace=True)
-    rows = [{"candidate": "base", "settings": {}, **scores(base, args.sources, args.examples)}]
-    print(rows[0], flush=True)
+    # Resumes: a candidate already in the table is not trained again, so a long comparison can
+    # run in parts (same --out, same --sources and --examples).
+    table = out / "probe_defaults.json"
+    rows = json.loads(table.read_text()) if table.exists() else []
+    done = {row["candidate"] for row in rows}
+    if "base" not in done:
+        rows.append({"candidate": "base", "settings": {},
+                     **scores(base, args.sources, args.examples)})  # fmt: skip
+        print(rows[-1], flush=True)
     for name, settings in args.candidate:
+        if name in done:
+            continue
         start = time.perf_counter()
         cost = finetune(base, out / name, mixture={args.train: 1.0}, progress=False,
                         replace=True, **settings)  # fmt: skip
@@ -71,7 +80,7 @@ def main() -> None:
                **scores(out / name, args.sources, args.examples)}  # fmt: skip
         rows.append(row)
         print({k: v for k, v in row.items() if k != "parameters"}, flush=True)
-        (out / "probe_defaults.json").write_text(json.dumps(rows, indent=1))
+        table.write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

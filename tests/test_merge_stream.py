@@ -438,3 +438,38 @@ def test_inputs_are_hashed_as_the_merge_reads_them(zoo, tmp_path, monkeypatch):
     pieces.clear()
     M.merge(zoo["base"], models, tmp_path / "b", method="ties", progress=False)
     assert pieces == {}  # every digest came from the cache
+
+
+def test_refusals_name_what_is_wrong_and_write_nothing(zoo, tmp_path):
+    out = tmp_path / "out"
+    one = [(zoo["m1"], 0.5)]
+    # the output may be neither a model nor the base: merging into an input would destroy it
+    for taken in (zoo["m1"], zoo["base"]):
+        with pytest.raises(DemError, match=f"^output {taken} is also an input$"):
+            M.merge(zoo["base"], one, taken, overwrite=True, progress=False)
+    with pytest.raises(DemError, match=f"^model {zoo['m1']}: weight nan is not a finite number"):
+        M.merge(zoo["base"], [(zoo["m1"], float("nan"))], out, progress=False)
+    with pytest.raises(
+        DemError, match="^compute dtype must be float32 or float64, not torch.float16"
+    ):
+        M.merge(zoo["base"], one, out, compute_dtype=torch.float16, progress=False)
+    vec = extract_vector(zoo["base"], zoo["m1"], tmp_path / "v1")
+    with pytest.raises(DemError, match=f"^base {vec} is a vector folder; the base must be a model"):
+        M.merge(vec, one, out, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v1"]
+    assert load_weights(zoo["m1"]) and (zoo["base"] / "model.safetensors").exists()
+
+
+def test_output_records_its_method_dtype_and_time(zoo, tmp_path):
+    out = M.merge(zoo["base"], [(zoo["m1"], 0.5), (zoo["m2"], 0.5)], tmp_path / "out",
+                  method="ties", progress=False)  # fmt: skip
+    from safetensors import safe_open
+
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert f.metadata()["dem_method"] == "ties"
+    record = json.loads((out / "dem_merge.json").read_text())
+    assert record["dtype"] == "as base" and record["method"] == "ties"
+    assert 0 < record["wall_s"] < 600  # seconds this merge took, not a clock reading
+    bf16 = M.merge(zoo["base"], [(zoo["m1"], 0.5)], tmp_path / "bf", dtype="bfloat16",
+                   progress=False)  # fmt: skip
+    assert json.loads((bf16 / "dem_merge.json").read_text())["dtype"] == "BF16"  # safetensors' name

@@ -104,9 +104,9 @@ def _merge(base, models, out, *, method, dtype, overwrite, compute_dtype, progre
     if out.resolve() in {Path(p).resolve() for p, _ in models} | {base.resolve()}:
         raise DemError(f"output {out} is also an input")
     check_output_free(out, overwrite=overwrite)
-    base_weights = WeightFolder(base, role="base")
-    if (base / VECTOR_MARKER).exists():
+    if (base / VECTOR_MARKER).exists():  # before the lookup, which would only say "no weights"
         raise DemError(f"base {base} is a vector folder; the base must be a model folder")
+    base_weights = WeightFolder(base, role="base")
     inputs: list[MergeInput] = []
     folders = [base_weights]
     try:
