@@ -217,6 +217,11 @@ def test_model_stock_and_slerp_hand_worked():
         ("ties", {"density": "a"}, "density 'a' is not a number"),
         ("breadcrumbs", {"gamma": 1}, "gamma 1.0 must be in [0, 1)"),
         ("della", {"density": 0.9, "epsilon": 0.2}, "epsilon 0.2 must leave density ± epsilon"),
+        # the interval is open at both ends: a keep probability of 0 or 1 is no longer DELLA's
+        ("della", {"density": 0.3, "epsilon": 0.3}, "epsilon 0.3 must leave density ± epsilon"),
+        ("della", {"density": 0.75, "epsilon": 0.25}, "epsilon 0.25 must leave density ± epsilon"),
+        ("dare_linear", {"seed": 1.5}, "seed 1.5 is not a whole number"),
+        ("dare_linear", {"seed": float("nan")}, "seed nan is not a whole number"),
         (
             "dem",
             {"drop_prob": 0.5},
@@ -252,3 +257,25 @@ def test_defaults_and_harmless_parameters():
     assert M.resolve_params(METHODS["dem"], {"lam": 1.0, "seed": 7}) == {}
     with pytest.raises(DemError, match="unknown merge method 'nuslerp'; choose one of dem"):
         M.get_method("nuslerp")
+
+
+def test_merge_weights_are_checked_and_named():
+    assert M.check_weights([1, 0.5]) == [1.0, 0.5]
+    with pytest.raises(DemError, match="^no models given: a merge needs at least one model"):
+        M.check_weights([])
+    # numbered from 1, as a user counts the models on the command line
+    for bad in (float("nan"), float("-inf"), True, "0.5", None):
+        with pytest.raises(DemError, match=rf"^model 2: weight {bad!r} is not a finite number$"):
+            M.check_weights([0.5, bad])
+    with pytest.raises(DemError, match=r"^model b: weight inf is not a finite number$"):
+        M.check_weights([0.5, float("inf")], ["model a", "model b"])
+    with pytest.raises(ValueError):  # a name for every weight, or a bug in the caller
+        M.check_weights([0.5, 0.5], ["model a"])
+
+
+def test_tensor_seed_is_a_fixed_function_of_seed_and_name():
+    # pinned: DARE/DELLA masks drawn today are drawn again by every later version
+    assert M.tensor_seed(0, "model.layers.0.mlp.up_proj.weight") == 6158259881492212288
+    seeds = {M.tensor_seed(s, f"t{i}") for s in range(20) for i in range(50)}
+    assert len(seeds) == 1000 and all(0 <= x < 2**63 for x in seeds)  # torch's manual_seed range
+    assert max(seeds) > 2**62  # all 63 bits used

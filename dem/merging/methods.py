@@ -67,9 +67,12 @@ class Param:
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise ParameterError(self.name, f"{value!r} is not a number")
         try:
-            value = self.kind(value)
+            converted = self.kind(value)
         except (ValueError, OverflowError):  # int(nan), int(inf)
-            raise ParameterError(self.name, f"{value!r} is not a whole number") from None
+            converted = None
+        if converted is None or converted != value:  # int(1.5) is 1: refused, not truncated
+            raise ParameterError(self.name, f"{value!r} is not a whole number")
+        value = converted
         if not self.valid(value):
             raise ParameterError(self.name, f"{value} must be {self.valid_text}")
         return value
