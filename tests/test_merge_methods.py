@@ -189,6 +189,8 @@ def test_random_methods_depend_on_seed_and_tensor_name_only():
         run = lambda s, n="a", m=method: METHODS[m](tb, tt, w, seed=s, name=n)  # noqa: E731
         assert torch.equal(run(7), run(7))
         assert not torch.equal(run(7), run(8)) and not torch.equal(run(7), run(7, "b"))
+        # an unnamed tensor is seeded as the name "" (what a caller without names reproduces)
+        assert torch.equal(METHODS[method](tb, tt, w, seed=7), run(7, ""))
     assert len({M.tensor_seed(s, n) for s in (0, 1) for n in ("a.weight", "b.weight")}) == 4
 
 
@@ -255,7 +257,9 @@ def test_defaults_and_harmless_parameters():
     assert M.resolve_params(METHODS["breadcrumbs"], {})["gamma"] == 0.01
     # λ = 1 and any seed change nothing for a method without them: accepted, not recorded
     assert M.resolve_params(METHODS["dem"], {"lam": 1.0, "seed": 7}) == {}
-    with pytest.raises(DemError, match="unknown merge method 'nuslerp'; choose one of dem"):
+    with pytest.raises(
+        DemError, match="unknown merge method 'nuslerp'; choose one of dem, linear, task_arithmetic"
+    ):
         M.get_method("nuslerp")
 
 

@@ -58,10 +58,11 @@ def merges(draw, n_min: int = 1, n_max: int = 4, w_min: float = -2.0, w_max: flo
 
 
 def _tolerance(theta0, thetas, w) -> float:
-    """A few roundings of the compute dtype at the size of the largest term."""
-    eps = torch.finfo(theta0.dtype).eps
+    """A few roundings of the compute dtype at the size of the largest term. Below the normal
+    range rounding is absolute, a subnormal's spacing, whatever the size: hence the floor."""
+    info = torch.finfo(theta0.dtype)
     size = max(float(t.abs().max()) for t in (theta0, *thetas))
-    return 16 * eps * size * (1 + sum(abs(x) for x in w))
+    return 16 * max(info.eps * size, info.smallest_normal * info.eps) * (1 + sum(abs(x) for x in w))
 
 
 def _close(got, want, tol) -> None:
