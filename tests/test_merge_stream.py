@@ -266,6 +266,16 @@ def test_vectors_round_trip_and_merge_from_vectors(zoo, tmp_path):
         assert f.metadata()["dem_kind"] == "distribution_vector"
     with pytest.raises(DemError, match="already exists"):  # never overwritten unless asked
         extract_vector(zoo["base"], zoo["m1"], v1, progress=False)
+    before = load_vector(v1)
+    assert extract_vector(zoo["base"], zoo["m1"], v1, progress=False, overwrite=True) == v1
+    assert all(torch.equal(before[k], t) for k, t in load_vector(v1).items())
+    (tmp_path / "no_weights").mkdir()
+    with pytest.raises(DemError, match=r"^base folder .*no_weights has no weights"):
+        extract_vector(tmp_path / "no_weights", zoo["m1"], tmp_path / "v_none", progress=False)
+    small = extract_vector(zoo["base"], zoo["m1"], tmp_path / "v_small", progress=False,
+                           max_shard_size=4096)  # fmt: skip
+    assert len(list(small.glob("vector-*.safetensors"))) > 1
+    assert all(torch.equal(before[k], t) for k, t in load_vector(small).items())
     with pytest.raises(DemError, match="is already a vector folder"):
         extract_vector(zoo["base"], v1, tmp_path / "vv", progress=False)
     name = "model.layers.0.mlp.up_proj.weight"
