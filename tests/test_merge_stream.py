@@ -196,6 +196,16 @@ def test_nan_and_overflow_are_traced_to_their_origin(zoo, tmp_path):
     assert "overflows: use smaller weights or a float64 compute dtype" in str(err.value)
     assert not (tmp_path / "out").exists()
 
+    # a finite result whose sum overflows float32 is a result, not an overflow
+    def huge(sd):
+        sd[name].fill_(3e38)
+
+    big_base, big_ft = (_edited_copy(zoo[k], tmp_path / f"big_{k}", huge) for k in ("base", "m1"))
+    out = M.merge(big_base, [(big_ft, 0.5)], tmp_path / "big_out", progress=False)
+    assert torch.equal(
+        load_file(out / "model.safetensors")[name], load_file(big_ft / "model.safetensors")[name]
+    )
+
 
 def test_bf16_base_keeps_dtype_computes_in_fp32(zoo, tmp_path):
     models = [(zoo["bf1"], W[0]), (zoo["bf2"], W[1])]

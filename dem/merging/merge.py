@@ -178,7 +178,9 @@ class _Streamer:
             theta0, xs = self._read(name, r0, r1, cols, shared=m.one_at_a_time)
             state.out = self.scratch.get("acc", theta0.shape) if m.one_at_a_time else None
             result = m.fn(theta0, xs, self.w, self.params, state)
-            if not torch.isfinite(result.sum()):
+            # the sum is one cheap reduction; only when it is not finite is every entry looked at
+            # (a finite result can still sum past the dtype's range)
+            if not torch.isfinite(result.sum()) and not torch.isfinite(result).all():
                 raise _nonfinite(name, self.base, self.inputs)
             yield result.to(out_dtype)  # written before the next block reuses the scratch
             self._release()
