@@ -51,7 +51,7 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
 
 
 def parse_assignment(text: str) -> tuple[str, Any]:
-    """``KEY=VALUE`` of ``dem run --set`` (VALUE read as YAML: ``[0, 1]``, ``2e-4``, ``''``)."""
+    """``KEY=VALUE`` of ``dem run --set`` (VALUE read as YAML: ``[0, 1]``, ``2.0e-4``, ``''``)."""
     import yaml
 
     key, sep, raw = text.partition("=")
