@@ -1,16 +1,16 @@
 """Are ``dem finetune``'s defaults fit for a real model? One source, several settings, every source scored.
 
 Fine-tunes a base on one source (``--train``) once per candidate setting, then scores the base
-and every fine-tune on the test examples of all ``--sources`` (accuracy, in float32, so only
-the training differs), with each run's wall time and compute dtype. A candidate is
-``NAME:key=value,...`` in ``dem finetune``'s setting names; ``NAME:`` alone is the defaults as
-``dem finetune`` picks them for this base. The comparison that checks the defaults for a real
-LM (SmolLM2-135M, 1 thread each; not yet run):
+and every fine-tune on the test examples of all ``--sources`` (accuracy and response loss, in
+float32, so only the training differs), with each run's wall time and compute dtype. A
+candidate is ``NAME:key=value,...`` in ``dem finetune``'s setting names; ``NAME:`` alone is the
+defaults as ``dem finetune`` picks them for this base. The comparison published in
+docs/results.md ("Defaults for a real model"), SmolLM2-135M on 2 threads, about an hour:
 
     python benchmarks/probe_defaults.py --train arithmetic --sources arithmetic word_edit compare \\
-        --candidate default: --candidate default-fp32:dtype=float32 \\
-        --candidate old-default:lora_r=0,lr=2e-4,steps=60 --candidate full:lora_r=0,lr=2e-5,steps=60 \\
-        --out runs/probe_defaults
+        --candidate default: --candidate full-2e-5:lora_r=0,lr=2e-5 \\
+        --candidate full-1e-3:lora_r=0,lr=1e-3 --candidate tiny-rule:lora_r=0,lr=2e-4 \\
+        --threads 2 --out runs/probe_defaults
 
 Not a test: the wall times depend on the machine and its load (recorded with them).
 """
@@ -47,10 +47,23 @@ def candidate(text: str) -> tuple[str, dict]:
 
 
 def scores(folder: Path, sources: list[str], examples: int) -> dict[str, float]:
+    """Accuracy per source, and its response loss (nats per token) as "SOURCE loss": the loss
+    shows damage to a source the base already fails (accuracy 0 cannot fall)."""
     model, tokenizer = load_model(folder)
-    table = evaluate(model, tokenizer, sources, "test", metrics=("accuracy",),
+    table = evaluate(model, tokenizer, sources, "test", metrics=("loss", "accuracy"),
                      max_examples=examples, batch_size=16)  # fmt: skip
-    return dict(zip(table.source, table.value, strict=True))
+    table = table[table.metric != "perplexity"]
+    return {
+        source if metric == "accuracy" else f"{source} loss": value
+        for source, metric, value in zip(table.source, table.metric, table.value, strict=True)
+    }
+
+
+def save(table: Path, rows: list[dict]) -> None:
+    """Whole or not at all: a run killed while writing leaves the previous table."""
+    tmp = table.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rows, indent=1))
+    tmp.replace(table)
 
 
 def main() -> None:
@@ -75,6 +88,10 @@ def main() -> None:
         rows.append({"candidate": "base", "settings": {},
                      **scores(base, args.sources, args.examples)})  # fmt: skip
         print(rows[-1], flush=True)
+    for row in rows:  # scored before losses were recorded: score again, no training
+        if f"{args.sources[0]} loss" not in row:
+            row.update(scores(out / row["candidate"], args.sources, args.examples))
+            save(table, rows)
     for name, settings in args.candidate:
         if name in done:
             continue
@@ -88,7 +105,7 @@ def main() -> None:
                **scores(out / name, args.sources, args.examples)}  # fmt: skip
         rows.append(row)
         print({k: v for k, v in row.items() if k != "parameters"}, flush=True)
-        table.write_text(json.dumps(rows, indent=1))
+        save(table, rows)
 
 
 if __name__ == "__main__":
