@@ -43,3 +43,17 @@ def base(tmp_path_factory):
     from _helpers_train import make_base
 
     return make_base(tmp_path_factory.mktemp("base") / "base")
+
+
+# Longest first: with one file per worker (--dist loadfile) the SmolLM2 smoke run, about half
+# of CI's time on its own, starts at once instead of after every file before it alphabetically,
+# and the other worker takes the rest meanwhile.
+LONGEST_FILES = ("test_real_model.py", "test_sweep.py", "test_install.py", "test_notebooks.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.path.name
+        return LONGEST_FILES.index(name) if name in LONGEST_FILES else len(LONGEST_FILES)
+
+    items.sort(key=rank)  # stable: each file's tests keep their order
