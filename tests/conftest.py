@@ -45,15 +45,19 @@ def base(tmp_path_factory):
     return make_base(tmp_path_factory.mktemp("base") / "base")
 
 
-# Longest first: with one file per worker (--dist loadfile) the SmolLM2 smoke run, about half
-# of CI's time on its own, starts at once instead of after every file before it alphabetically,
-# and the other worker takes the rest meanwhile.
-LONGEST_FILES = ("test_real_model.py", "test_sweep.py", "test_install.py", "test_notebooks.py")
+# Longest first (with --no-loadscope-reorder, which keeps this order; xdist's own puts files
+# with more tests first): with one file per worker the SmolLM2 smoke run, about half of CI's
+# time, starts at once on one worker, ahead of its file's quick tests, so that worker is not
+# handed another file until it is done (xdist tops a worker up once 2 or fewer of its tests
+# are left); the other worker takes the rest meanwhile.
+LONGEST_FILES = ("test_real_model.py", "test_sweep.py", "test_notebooks.py", "test_install.py")
+LONGEST_TEST = "test_smollm2_smoke_parameters_run_end_to_end"
 
 
 def pytest_collection_modifyitems(items):
     def rank(item):
         name = item.path.name
-        return LONGEST_FILES.index(name) if name in LONGEST_FILES else len(LONGEST_FILES)
+        file = LONGEST_FILES.index(name) if name in LONGEST_FILES else len(LONGEST_FILES)
+        return file, item.name != LONGEST_TEST
 
-    items.sort(key=rank)  # stable: each file's tests keep their order
+    items.sort(key=rank)  # stable: every other test keeps its order in its file
