@@ -54,8 +54,8 @@ def scores(folder: Path, sources: list[str], examples: int) -> dict[str, float]:
                      max_examples=examples, batch_size=16)  # fmt: skip
     table = table[table.metric != "perplexity"]
     return {
-        source if metric == "accuracy" else f"{source} loss": value
-        for source, metric, value in zip(table.source, table.metric, table.value, strict=True)
+        source if metric == "accuracy" else f"{source} loss": score
+        for source, metric, score in zip(table.source, table.metric, table.value, strict=True)
     }
 
 
