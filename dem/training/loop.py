@@ -93,7 +93,7 @@ def validation_loss(
         for name, source_batches in batches.items():
             for batch in source_batches:
                 batch = {k: v.to(device) for k, v in batch.items()}
-                nll, scored = response_nll(model, batch, reduction="sum", skip_prompt=False)
+                nll, scored = response_nll(model, batch, reduction="sum")
                 sums[name] = sums.get(name, 0.0) + float(nll)
                 counts[name] = counts.get(name, 0) + int(scored.sum())
     model.train()
@@ -230,9 +230,12 @@ def _optimizer_step(step, model, optimizer, scheduler, step_of: _Steps, dtype, c
         with sync, precision.autocast(accelerator.device, dtype):
             # The loss is a sum over the step's response tokens divided by their global
             # count, so micro-batches of different lengths are weighted by tokens, as one
-            # big batch would be; x world undoes DDP's gradient averaging.
-            items = torch.tensor(n_targets, device=batch["labels"].device)
-            loss = model(**batch, num_items_in_batch=items).loss
+            # big batch would be; x world undoes DDP's gradient averaging. response_nll
+            # computes the LM head only from the batch's first response position on: with a
+            # 50k vocabulary the prompt's logits are most of a short example's step
+            # (benchmarks/bench_response_logits.py), and no loss falls on them.
+            nll, _ = response_nll(model, batch, reduction="sum")
+            loss = nll / n_targets
             accelerator.backward(loss * world)
         loss_sum += loss.detach()
     loss_value = float(accelerator.reduce(loss_sum, "sum")) if world > 1 else float(loss_sum)
