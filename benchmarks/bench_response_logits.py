@@ -13,6 +13,10 @@ and checks that the two losses and LoRA gradients agree.
 
     python benchmarks/bench_response_logits.py [--repeats 5] [--dtype bfloat16]
 
+Measured 2026-12-06 on this project's 2-core Xeon (AMX), torch 2.13.0+cpu, 2 threads, bf16,
+``--repeats 3 --batches 6``: logits kept at 14% of the positions; 1.18 s -> 0.97 s wall per step
+(1.22x, repeats 1.17-1.41), CPU time 1.14x; loss within 4.8e-7, LoRA gradients equal.
+
 Needs ``dem sources install`` (SmolLM2). Not a test: timings depend on the machine and its
 load (recorded with them).
 """
